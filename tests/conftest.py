@@ -1,0 +1,37 @@
+"""Shared fixtures: the golden directory (env NEXTSTEP_GOLDEN_DIR, default tests/golden)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def golden_root() -> Path:
+    return Path(os.environ.get("NEXTSTEP_GOLDEN_DIR", TESTS_DIR / "golden")).resolve()
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    root = golden_root()
+    if not (root / "cases").is_dir():
+        pytest.fail(f"golden directory {root} has no cases/ (set NEXTSTEP_GOLDEN_DIR)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def load_case(golden_dir):
+    """load_case('b_backbone') -> dict of numpy arrays from cases/b_backbone.npz."""
+    cache: dict[str, dict[str, np.ndarray]] = {}
+
+    def load(name: str) -> dict[str, np.ndarray]:
+        if name not in cache:
+            with np.load(golden_dir / "cases" / f"{name}.npz") as z:
+                cache[name] = {k: z[k] for k in z.files}
+        return cache[name]
+
+    return load
