@@ -54,6 +54,10 @@ def model_config(**overrides: Any) -> ml_collections.ConfigDict:
             scan_layers=True,
             remat_policy="none",  # none | full | dots | dots_with_no_batch_dims
             attention_impl="xla",  # xla | cudnn (jax.nn.dot_product_attention)
+            # The first official training forward fed the raw hidden state to the FM head, skipping
+            # image_out_projector; the later trainer and all inference apply it (REFERENCE §14 #1). True is
+            # the consistent choice; False reproduces the first release's training loss bit for bit.
+            loss_uses_out_projector=True,
             # Where the config came from: "1.0" or "1.1" release schema (export writes it back).
             schema="1.0",
         )

@@ -36,6 +36,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("layers", None),
+    ("projector", "tensor"),
     ("norm", None),
     # image path: 64-d tokens, flow-matching head
     ("token", None),

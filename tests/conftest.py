@@ -35,3 +35,22 @@ def load_case(golden_dir):
         return cache[name]
 
     return load
+
+
+@pytest.fixture(scope="session")
+def golden_model(golden_dir):
+    """golden_model(scan_layers=True, dtype="float32", **overrides) -> (cfg, variables) of golden/model."""
+    from nextstep_jax.checkpoint.load import load_nextstep
+
+    loaded: dict[bool, tuple] = {}
+
+    def get(scan_layers: bool = True, dtype: str = "float32", **overrides):
+        if scan_layers not in loaded:
+            loaded[scan_layers] = load_nextstep(golden_dir / "model", scan_layers=scan_layers)
+        cfg, params = loaded[scan_layers]
+        cfg = cfg.copy_and_resolve_references()
+        cfg.dtype = dtype
+        cfg.update(overrides)
+        return cfg, {"params": params}
+
+    return get
