@@ -89,3 +89,13 @@ def logical_shardings(logical_specs, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     mesh_specs = nn.logical_to_mesh(logical_specs, rules)
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), mesh_specs,
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def shardings_of(boxed_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    """NamedShardings for a (possibly abstract) variable tree whose leaves are ``nn.Partitioned``."""
+    return logical_shardings(nn.get_partition_spec(boxed_tree), mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> NamedSharding:
+    """Leading (batch) axis split like ``activation_batch``; the rest replicated."""
+    return NamedSharding(mesh, logical_to_mesh_spec(("activation_batch",), rules))

@@ -54,3 +54,19 @@ def golden_model(golden_dir):
         return cfg, {"params": params}
 
     return get
+
+
+def repo_config(name: str):
+    """get_config() of configs/<name>.py (big_vision style)."""
+    import importlib.util
+
+    path = TESTS_DIR.parent / "configs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.fixture
+def tiny_config():
+    return repo_config("tiny")

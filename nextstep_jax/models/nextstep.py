@@ -190,7 +190,8 @@ def _init_inputs(cfg):
 
 def init_variables(cfg, rng: jax.Array) -> dict:
     """Boxed variables (``nn.Partitioned`` leaves carry the logical axis names)."""
-    return NextStep(cfg).init(rng, *_init_inputs(cfg), method=NextStep.touch_all)
+    init = jax.jit(lambda key, *inputs: NextStep(cfg).init(key, *inputs, method=NextStep.touch_all))
+    return init(rng, *_init_inputs(cfg))
 
 
 def abstract_variables(cfg) -> dict:

@@ -1,6 +1,5 @@
 """Flow-matching head: network, loss and samplers against the golden vectors and float64 numpy references."""
 
-import json
 import math
 
 import jax
@@ -9,7 +8,6 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from numerics import assert_close_rel
-from safetensors.numpy import load_file
 
 from nextstep_jax.models.fm_head import (
     SimpleMLPAdaLN,
@@ -22,6 +20,7 @@ from nextstep_jax.models.fm_head import (
     timestep_embedding,
     timesteps,
 )
+from nextstep_jax.models.nextstep import token_dim
 from nextstep_jax.sharding import LOGICAL_AXIS_RULES
 
 F32_REL = 1e-4  # golden README: net/loss atol=rtol=1e-4, sampler 1e-4·max|ref|
@@ -31,38 +30,13 @@ BF16_REL = 3e-2
 DTYPES = [("float32", F32_REL), ("bfloat16", BF16_REL)]
 
 
-# --- local checkpoint helper (to be replaced by nextstep_jax.checkpoint.mapping) -----------------------------
-def _load_head(golden_dir):
-    """image_head.net.* from model.safetensors -> (module kwargs, params); Linear weights transposed."""
-    cfg = json.loads((golden_dir / "model" / "config.json").read_text())
-    prefix = "image_head.net."
-    tree = {}
-    for key, value in load_file(golden_dir / "model" / "model.safetensors").items():
-        if not key.startswith(prefix):
-            continue
-        *mods, leaf = key[len(prefix):].split(".")
-        path = []
-        for m in mods:  # "res_blocks.0" -> "res_blocks_0", "mlp.2" -> "mlp_2"
-            if m.isdigit():
-                path[-1] += f"_{m}"
-            else:
-                path.append(m)
-        if leaf == "weight":
-            leaf, value = ("kernel", value.T) if value.ndim == 2 else ("scale", value)
-        node = tree
-        for m in path:
-            node = node.setdefault(m, {})
-        node[leaf] = jnp.asarray(value)
-    dim = cfg["fm_head_dim"]
-    kwargs = dict(token_dim=cfg["latent_channels"] * cfg["latent_patch_size"] ** 2, dim=dim,
-                  num_layers=cfg["fm_head_layers"], mlp_ratio=tree["res_blocks_0"]["mlp_0"]["kernel"].shape[1] / dim)
-    return kwargs, {"params": tree}
-# ------------------------------------------------------------------------------------------------------------
-
-
 @pytest.fixture(scope="module")
-def head(golden_dir):
-    return _load_head(golden_dir)
+def head(golden_model):
+    """(module kwargs, variables) of the golden release's image_head, through the shared loader."""
+    cfg, variables = golden_model()
+    kwargs = dict(token_dim=token_dim(cfg), dim=cfg.fm_head_dim, num_layers=cfg.fm_head_layers,
+                  mlp_ratio=cfg.fm_head_mlp_ratio)
+    return kwargs, {"params": variables["params"]["image_head"]}
 
 
 @pytest.fixture(autouse=True)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from flax.linen import meta
 from numerics import assert_close_rel
-from safetensors.numpy import load_file
 
-from nextstep_jax.checkpoint.mapping import params_from_tensors, vae_table
-from nextstep_jax.configs import vae_config, vae_config_from_release
+from nextstep_jax.checkpoint.load import load_vae
+from nextstep_jax.checkpoint.mapping import vae_table
+from nextstep_jax.configs import vae_config
 from nextstep_jax.models import vae as V
 from nextstep_jax.models.latents import patchify
 
@@ -30,9 +30,7 @@ def _nhwc(x):
 
 @pytest.fixture(scope="module")
 def golden_vae(golden_dir):
-    cfg = vae_config_from_release(golden_dir / "vae" / "config.json")
-    tensors = load_file(str(golden_dir / "vae" / "checkpoint.safetensors"))
-    return cfg, params_from_tensors(vae_table(cfg), tensors.__getitem__)
+    return load_vae(golden_dir / "vae")
 
 
 @functools.cache

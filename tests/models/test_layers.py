@@ -1,0 +1,85 @@
+"""RMSNorm, RoPE and the SwiGLU MLP against float64 numpy."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from nextstep_jax.models.layers import MLP, RMSNorm, apply_rope, rope_tables
+
+
+def _rms_ref(x, w, eps):
+    x = x.astype(np.float64)
+    return w * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def test_rmsnorm_float32_matches_float64():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5, 48)).astype(np.float32) * 3
+    w = (1 + 0.1 * rng.standard_normal(48)).astype(np.float32)
+    y = RMSNorm(1e-5).apply({"params": {"scale": w}}, jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(y), _rms_ref(x, w, 1e-5), rtol=2e-6, atol=2e-6)
+
+
+def test_rmsnorm_bf16_rounds_before_weight():
+    """Reference rounding: normalise in f32, cast to bf16, THEN multiply by the (bf16) weight."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 32)).astype(ml_dtypes.bfloat16)
+    w = (1 + 0.1 * rng.standard_normal(32)).astype(np.float32)
+    y = np.asarray(RMSNorm(1e-5).apply({"params": {"scale": w}}, jnp.asarray(x)))
+    x32 = x.astype(np.float32)
+    normed = (x32 / np.sqrt(np.mean(x32 * x32, -1, keepdims=True) + 1e-5)).astype(ml_dtypes.bfloat16)
+    expected = (w.astype(ml_dtypes.bfloat16).astype(np.float32) * normed.astype(np.float32)).astype(ml_dtypes.bfloat16)
+    assert y.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(y.astype(np.float32), expected.astype(np.float32))
+
+
+def _rope_ref(x, positions, theta):
+    """float64 rotate-half RoPE: x [B, T, H, D], positions [B, T]."""
+    d = x.shape[-1]
+    inv = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
+    ang = positions[..., None].astype(np.float64) * inv
+    cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    rot = np.concatenate([-x2, x1], -1)
+    return x * cos[:, :, None] + rot * sin[:, :, None]
+
+
+@pytest.mark.parametrize("theta", [10000.0, 1e6])
+def test_rope_matches_float64(theta):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 7, 3, 16)).astype(np.float32)
+    positions = np.array([np.arange(7), np.arange(100, 107)])
+    cos, sin = rope_tables(jnp.asarray(positions), 16, theta, jnp.float32)
+    got = np.asarray(apply_rope(jnp.asarray(x), cos, sin))
+    # angles up to ~100 rad: float32 argument rounding dominates (|err| ~ 1e-5)
+    np.testing.assert_allclose(got, _rope_ref(x, positions, theta), atol=5e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((1, 1, 1, 32)).astype(np.float32)
+    k = rng.standard_normal((1, 1, 1, 32)).astype(np.float32)
+
+    def score(m, n):
+        cq, sq = rope_tables(jnp.array([[m]]), 32, 1e4, jnp.float32)
+        ck, sk = rope_tables(jnp.array([[n]]), 32, 1e4, jnp.float32)
+        return float(jnp.sum(apply_rope(jnp.asarray(q), cq, sq) * apply_rope(jnp.asarray(k), ck, sk)))
+
+    assert score(5, 2) == pytest.approx(score(13, 10), abs=1e-4)
+    assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)
+
+
+def test_swiglu_mlp_matches_float64():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    mlp = MLP(8, 12)
+    params = jax.tree.map(np.asarray, nn.unbox(mlp.init(jax.random.key(0), jnp.asarray(x))["params"]))
+    got = np.asarray(mlp.apply({"params": params}, jnp.asarray(x)))
+    x64 = x.astype(np.float64)
+    gate = x64 @ params["gate_proj"]["kernel"]
+    up = x64 @ params["up_proj"]["kernel"]
+    ref = (gate / (1 + np.exp(-gate)) * up) @ params["down_proj"]["kernel"]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,84 @@
+import json
+
+import pytest
+
+from conftest import repo_config
+from nextstep_jax.configs import model_config, model_config_from_release, vae_config_from_release
+
+
+def test_release_config_1_0(golden_dir):
+    release = json.loads((golden_dir / "model" / "config.json").read_text())
+    cfg = model_config_from_release(golden_dir / "model" / "config.json")
+    assert cfg.schema == "1.0"
+    assert cfg.hidden_size == release["hidden_size"]
+    assert cfg.num_layers == release["num_hidden_layers"]
+    assert cfg.num_kv_heads == release["num_key_value_heads"]
+    assert cfg.fm_head_dim == release["fm_head_dim"]
+    assert cfg.fm_head_batch_mul == release["fm_head_batch_mul"]
+    assert cfg.pad_token_id == release["pad_token_id_added"]
+    assert cfg.rope_theta == release["rope_theta"]
+
+
+def _as_1_1(release: dict) -> dict:
+    """Rename the NextStep-1 fields to the NextStep-1.1 (genloss_*) schema, REFERENCE §13."""
+    out = dict(release)
+    for old, new in (("fm_head_dim", "genloss_width"), ("fm_head_layers", "genloss_depth"),
+                     ("fm_head_batch_mul", "genloss_batch_mul"), ("latent_channels", "num_channels"),
+                     ("latent_patch_size", "patch_size"), ("im_loss_weight", "image_loss_weight")):
+        out[new] = out.pop(old)
+    out.update(genloss_type="transport", genloss_net_arch="mlp", image_decoder_arch="Trans_E")
+    return out
+
+
+def test_release_config_1_1_equals_1_0(golden_dir):
+    release = json.loads((golden_dir / "model" / "config.json").read_text())
+    a = model_config_from_release(release)
+    b = model_config_from_release(_as_1_1(release))
+    assert b.schema == "1.1"
+    b.schema = a.schema
+    assert a.to_dict() == b.to_dict()
+
+
+def test_released_14b_values():
+    cfg = repo_config("14b").model
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (5120, 48, 40, 8, 128)
+    assert (cfg.intermediate_size, cfg.vocab_size, cfg.fm_head_dim, cfg.fm_head_layers) == (13824, 152064, 1536, 12)
+    assert (cfg.boi, cfg.eoi, cfg.image_placeholder_id, cfg.pad_token_id) == (151667, 151668, 151669, 151665)
+    assert cfg.attention_bias and not cfg.o_attention_bias and not cfg.tie_word_embeddings
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"model_type": "llama"}, "unsupported architecture"),
+    ({"architectures": ["MixtralForCausalLM"]}, "unsupported architecture"),
+    ({"hidden_size": None}, "hidden_size"),
+    ({"num_key_value_heads": 3}, "not divisible"),
+    ({"use_gen_pos_embed": True}, "gen_pos_embed"),
+])
+def test_release_config_rejects(golden_dir, change, match):
+    release = json.loads((golden_dir / "model" / "config.json").read_text())
+    release.update(change)
+    release = {k: v for k, v in release.items() if v is not None}
+    with pytest.raises(ValueError, match=match):
+        model_config_from_release(release)
+
+
+def test_missing_o_attention_bias_follows_attention_bias(golden_dir):
+    release = json.loads((golden_dir / "model" / "config.json").read_text())
+    del release["o_attention_bias"]
+    assert model_config_from_release(release).o_attention_bias == release["attention_bias"]
+
+
+def test_vae_config_reads_normalisation(golden_dir):
+    release = json.loads((golden_dir / "vae" / "config.json").read_text())
+    cfg = vae_config_from_release(release)
+    for key in ("scaling_factor", "shift_factor", "encoder_norm", "deterministic", "z_channels"):
+        assert cfg[key] == release[key]
+    assert tuple(cfg.ch_mult) == tuple(release["ch_mult"])
+    with pytest.raises(ValueError, match="latent"):
+        vae_config_from_release({k: v for k, v in release.items() if k != "scaling_factor"})
+    with pytest.raises(ValueError, match="unknown VAE config fields"):
+        vae_config_from_release({**release, "quant_conv": True})
+
+
+def test_model_config_overrides():
+    assert model_config(num_layers=3).num_layers == 3
