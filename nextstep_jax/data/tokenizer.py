@@ -1,0 +1,142 @@
+"""Text tokenizers with the NextStep special tokens: HF ``tokenizer.json`` (tokenizers) or SentencePiece.
+
+Both encode plain text only: structural special-token strings inside text (e.g. a caption that contains
+"<|image_placeholder|>") are never turned into structural ids by the HF tokenizer, and sequence.py
+rejects any text whose ids contain them anyway (SentencePiece user symbols always match). No BOS is
+added: the NextStep-1 tokenizer has none (REFERENCE §7.3).
+
+Tokenizers are picklable for Grain worker processes: they carry their serialised model and rebuild the
+native object lazily in each process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+SPECIAL_TOKENS = {
+    "eos": "<|endoftext|>",
+    "pad": "[PAD]",
+    "image_area": "<|image_area|>",
+    "boi": "<|begin_of_image|>",
+    "eoi": "<|end_of_image|>",
+    "placeholder": "<|image_placeholder|>",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+    eos: int
+    pad: int
+    image_area: int
+    boi: int
+    eoi: int
+    placeholder: int
+
+    def structural(self) -> frozenset[int]:
+        return frozenset(dataclasses.astuple(self))
+
+
+class HFTokenizer:
+    """A ``tokenizer.json`` (byte-level BPE as shipped with NextStep) via the ``tokenizers`` library."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        self._json = path.read_text()
+        self._native = None
+        self.special = SpecialIds(**{k: self._special_id(v) for k, v in SPECIAL_TOKENS.items()})
+
+    def _tok(self):
+        if self._native is None:
+            from tokenizers import Tokenizer
+
+            native = Tokenizer.from_str(self._json)
+            native.encode_special_tokens = True  # special strings in text stay text
+            self._native = native
+        return self._native
+
+    def _special_id(self, token: str) -> int:
+        token_id = self._tok().token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"tokenizer has no special token {token!r}; NextStep needs {list(SPECIAL_TOKENS.values())}")
+        return token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok().get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok().encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self._tok().decode(list(ids), skip_special_tokens=False)
+
+    def __getstate__(self):
+        return {"_json": self._json, "special": self.special}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _native=None)
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model whose vocabulary contains the NextStep special tokens as user symbols."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.model"
+        self._proto = path.read_bytes()
+        self._native = None
+        sp = self._sp()
+        ids = {}
+        for name, token in SPECIAL_TOKENS.items():
+            token_id = sp.piece_to_id(token)
+            # encode() may prepend the "▁" dummy prefix; the token itself must stay one piece.
+            if token_id == sp.unk_id() or token_id not in sp.encode(token):
+                raise ValueError(f"SentencePiece model {path} lacks special token {token!r} as a single piece "
+                                 "(train it with user_defined_symbols)")
+            ids[name] = token_id
+        self.special = SpecialIds(**ids)
+
+    def _sp(self):
+        if self._native is None:
+            import sentencepiece
+
+            self._native = sentencepiece.SentencePieceProcessor(model_proto=self._proto)
+        return self._native
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp().get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp().encode(text)
+
+    def decode(self, ids) -> str:
+        return self._sp().decode([int(i) for i in ids])
+
+    def __getstate__(self):
+        return {"_proto": self._proto, "special": self.special}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _native=None)
+
+
+Tokenizer = HFTokenizer | SentencePieceTokenizer
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A directory with tokenizer.json or tokenizer.model, or the file itself."""
+    path = Path(path)
+    if path.is_dir():
+        for name, cls in (("tokenizer.json", HFTokenizer), ("tokenizer.model", SentencePieceTokenizer)):
+            if (path / name).is_file():
+                return cls(path / name)
+        raise FileNotFoundError(f"{path} has neither tokenizer.json nor tokenizer.model")
+    if path.suffix == ".json":
+        return HFTokenizer(path)
+    if path.suffix == ".model":
+        return SentencePieceTokenizer(path)
+    raise ValueError(f"unrecognised tokenizer file {path} (expected .json or .model)")
