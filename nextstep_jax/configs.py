@@ -53,7 +53,7 @@ def model_config(**overrides: Any) -> ml_collections.ConfigDict:
             dtype="float32",  # compute dtype; params are always float32
             scan_layers=True,
             remat_policy="none",  # none | full | dots | dots_with_no_batch_dims
-            attention_impl="xla",  # xla | cudnn (jax.nn.dot_product_attention)
+            attention_impl="auto",  # auto | xla | cudnn | jax (jax.nn.dot_product_attention's own choice)
             # The first official training forward fed the raw hidden state to the FM head, skipping
             # image_out_projector; the later trainer and all inference apply it (REFERENCE §14 #1). True is
             # the consistent choice; False reproduces the first release's training loss bit for bit.

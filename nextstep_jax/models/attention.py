@@ -37,10 +37,14 @@ def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: 
     mask [B, 1, T, S] bool -> [B, T, H, D]. Scores and softmax in float32."""
     b, t, h, d = q.shape
     kv = k.shape[2]
-    if impl == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    if impl == "auto":
+        # On GPU let jax.nn pick cuDNN flash attention when it supports the shapes/dtypes (else its XLA path);
+        # elsewhere our XLA path, which keeps float32 scores and the reference's finite mask value.
+        impl = "jax" if jax.default_backend() == "gpu" else "xla"
+    if impl in ("cudnn", "jax"):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn" if impl == "cudnn" else None)
     if impl != "xla":
-        raise ValueError(f"unknown attention_impl {impl!r}; use 'xla' or 'cudnn'")
+        raise ValueError(f"unknown attention_impl {impl!r}; use 'auto', 'xla', 'cudnn' or 'jax'")
     qg = q.reshape(b, t, kv, h // kv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / jnp.sqrt(
         jnp.float32(d))

@@ -194,6 +194,18 @@ def init_variables(cfg, rng: jax.Array) -> dict:
     return init(rng, *_init_inputs(cfg))
 
 
+def init_params(cfg, rng: jax.Array, mesh=None, rules=None) -> dict:
+    """Unboxed float32 params; with a ``mesh`` they are created directly sharded by their logical axes, so a
+    large model never exists whole on one device."""
+    init = lambda key: nn.unbox(NextStep(cfg).init(key, *_init_inputs(cfg), method=NextStep.touch_all))["params"]
+    if mesh is None:
+        return jax.jit(init)(rng)
+    from nextstep_jax.sharding import LOGICAL_AXIS_RULES, shardings_of
+
+    shardings = shardings_of(abstract_variables(cfg), mesh, rules or LOGICAL_AXIS_RULES)["params"]
+    return jax.jit(init, out_shardings=shardings)(rng)
+
+
 def abstract_variables(cfg) -> dict:
     """Shapes/dtypes/logical axes of every variable without allocating anything."""
     return jax.eval_shape(lambda: init_variables(cfg, jax.random.key(0)))

@@ -11,7 +11,7 @@ from flax import linen as nn
 
 from nextstep_jax.checkpoint.load import load_nextstep
 from nextstep_jax.models.backbone import init_cache
-from nextstep_jax.models.nextstep import NextStep, abstract_variables
+from nextstep_jax.models.nextstep import NextStep, abstract_variables, init_params
 from nextstep_jax.sharding import LOGICAL_AXIS_RULES, batch_sharding, make_mesh, shardings_of
 
 
@@ -54,6 +54,10 @@ def main(golden_model_dir: str) -> None:
         loss, grads = jax.jit(loss_and_grads, out_shardings=(None, shardings))(sharded, s_ids, s_labels, s_tokens)
         dec = jax.jit(decode)(sharded, s_ids)
 
+    fresh = init_params(cfg, jax.random.key(7))
+    fresh_sharded = init_params(cfg, jax.random.key(7), mesh)
+    init_err = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(fresh_sharded)))
+    fresh_q = fresh_sharded["backbone"]["layers"]["self_attn"]["q_proj"]["kernel"]
     q = sharded["backbone"]["layers"]["self_attn"]["q_proj"]["kernel"]
     report = {
         "hidden_err": float(jnp.max(jnp.abs(hidden - ref_hidden))),
@@ -64,6 +68,8 @@ def main(golden_model_dir: str) -> None:
         "q_spec": [list(a) if isinstance(a, tuple) else a for a in q.sharding.spec],
         "q_shard_shape": list(q.addressable_shards[0].data.shape),
         "q_shape": list(q.shape),
+        "init_err": init_err,
+        "init_q_shard_shape": list(fresh_q.addressable_shards[0].data.shape),
         "batch_spec": [list(a) if isinstance(a, tuple) else a for a in s_ids.sharding.spec],
     }
     print(json.dumps(report))

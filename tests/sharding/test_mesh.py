@@ -27,6 +27,8 @@ def test_golden_model_on_8_devices_matches_single_device(golden_dir):
     assert r["q_spec"] == [None, "fsdp", "tensor", None], r
     layers, embed, heads, head_dim = r["q_shape"]
     assert r["q_shard_shape"] == [layers, embed // 2, heads // 2, head_dim], r
+    # Created directly sharded, with the same values as an unsharded init from the same key.
+    assert r["init_err"] == 0.0 and r["init_q_shard_shape"] == r["q_shard_shape"], r
     assert r["batch_spec"][0] == ["data", "fsdp"] and not any(r["batch_spec"][1:]), r
 
 
