@@ -7,6 +7,7 @@ Tensors are read one at a time.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from nextstep_jax.configs import model_config_from_release, vae_config_from_rele
 # Official files may prefix every key with "model." (REFERENCE §9.1); accept either spelling.
 OPTIONAL_PREFIX = "model."
 
+VAE_WEIGHT_FILES = ("checkpoint.safetensors", "checkpoint.pt")
+
 
 def _list(keys, limit: int = 5) -> str:
     keys = sorted(keys)
@@ -29,11 +32,16 @@ def _list(keys, limit: int = 5) -> str:
     return ", ".join(repr(k) for k in keys[:limit]) + more
 
 
+def canonical_key(key: str) -> str:
+    """The key without the optional ``model.`` prefix (the spelling the mapping table uses)."""
+    return key[len(OPTIONAL_PREFIX):] if key.startswith(OPTIONAL_PREFIX) else key
+
+
 def _key_resolver(file_keys: list[str]) -> dict[str, str]:
     """Canonical key -> key as spelled in the file."""
     resolved = {}
     for key in file_keys:
-        canonical = key[len(OPTIONAL_PREFIX):] if key.startswith(OPTIONAL_PREFIX) else key
+        canonical = canonical_key(key)
         if canonical in resolved:
             raise CheckpointError(f"tensor {canonical!r} appears both with and without the "
                                   f"{OPTIONAL_PREFIX!r} prefix")
@@ -41,10 +49,10 @@ def _key_resolver(file_keys: list[str]) -> dict[str, str]:
     return resolved
 
 
-def params_from_source(table: list[Entry], source: str, file_keys: list[str],
-                       shape_of: Callable[[str], tuple[int, ...]], read: Callable[[str], np.ndarray],
-                       param_dtype=np.float32) -> dict:
-    """Validate the key set and every shape against ``table``, then build Flax params."""
+def match_tensors(table: list[Entry], source: str, file_keys: list[str],
+                  shape_of: Callable[[str], tuple[int, ...]]) -> dict[str, str]:
+    """Check the key set and every shape against ``table``. Returns canonical key -> key as spelled in the
+    file, for the table's tensors and the ``IGNORED_TORCH_KEYS`` present."""
     spelled = _key_resolver(file_keys)
     expected = {e.torch_key: e for e in table}
     missing = expected.keys() - spelled.keys()
@@ -59,6 +67,14 @@ def params_from_source(table: list[Entry], source: str, file_keys: list[str],
         if shape != entry.torch_shape:
             raise CheckpointError(f"{source}: tensor {key!r} has shape {shape}, config expects "
                                   f"{entry.torch_shape}")
+    return spelled
+
+
+def params_from_source(table: list[Entry], source: str, file_keys: list[str],
+                       shape_of: Callable[[str], tuple[int, ...]], read: Callable[[str], np.ndarray],
+                       param_dtype=np.float32) -> dict:
+    """Validate the key set and every shape against ``table``, then build Flax params."""
+    spelled = match_tensors(table, source, file_keys, shape_of)
 
     def get(key: str) -> np.ndarray:
         array = read(spelled[key])
@@ -67,42 +83,60 @@ def params_from_source(table: list[Entry], source: str, file_keys: list[str],
     return params_from_tensors(table, get)
 
 
+def read_release_config(folder: str | Path, parse: Callable[[Path], ml_collections.ConfigDict]
+                        ) -> ml_collections.ConfigDict:
+    """``parse(folder/config.json)``, with every way the file can be wrong raised as a ``CheckpointError``."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no config.json")
+    try:
+        return parse(path)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from e
+    except ValueError as e:  # unsupported architecture or schema, missing or invalid fields; names the file
+        raise CheckpointError(str(e)) from e
+
+
+def complete_config(cfg: ml_collections.ConfigDict, keys: list[str], *, scan_layers: bool
+                    ) -> ml_collections.ConfigDict:
+    """A copy of a release's model config with the layer layout and what only the tensor keys decide."""
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.scan_layers = scan_layers
+    # REFERENCE §14 #14: whether o_proj has a bias is decided by the weights, not the config.
+    cfg.o_attention_bias = any(k.endswith("self_attn.o_proj.bias") for k in keys)
+    return cfg
+
+
 def load_nextstep(folder: str | Path, cfg: ml_collections.ConfigDict | None = None, *, scan_layers: bool = True,
                   param_dtype=np.float32) -> tuple[ml_collections.ConfigDict, dict]:
     """(config, params) from a release folder: ``config.json`` + ``model.safetensors`` or sharded
     ``model-XXXXX-of-YYYYY.safetensors`` + ``model.safetensors.index.json``."""
     folder = Path(folder)
     if cfg is None:
-        config_path = folder / "config.json"
-        if not config_path.is_file():
-            raise CheckpointError(f"{folder}: no config.json")
-        cfg = model_config_from_release(config_path)
-    cfg = ml_collections.ConfigDict(cfg.to_dict())
-    cfg.scan_layers = scan_layers
+        cfg = read_release_config(folder, model_config_from_release)
     with SafetensorsReader(folder) as reader:
         keys = reader.keys()
-        # REFERENCE §14 #14: whether o_proj has a bias is decided by the weights, not the config.
-        cfg.o_attention_bias = any(k.endswith("self_attn.o_proj.bias") for k in keys)
+        cfg = complete_config(cfg, keys, scan_layers=scan_layers)
         params = params_from_source(nextstep_table(cfg), str(folder), keys, lambda k: reader.info(k).shape,
                                     reader.read, param_dtype)
     return cfg, params
 
 
-VAE_WEIGHT_FILES = ("checkpoint.safetensors", "checkpoint.pt")
+def vae_weights_file(folder: str | Path) -> Path:
+    """The tokenizer release's weight file, ``checkpoint.safetensors`` preferred over ``checkpoint.pt``."""
+    folder = Path(folder)
+    weights = next((folder / n for n in VAE_WEIGHT_FILES if (folder / n).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{folder}: no VAE weights (looked for {', '.join(VAE_WEIGHT_FILES)})")
+    return weights
 
 
 def load_vae(folder: str | Path, *, param_dtype=np.float32) -> tuple[ml_collections.ConfigDict, dict]:
     """(vae config, params) from a tokenizer release folder: ``config.json`` + ``checkpoint.pt`` (read
     without torch, through a restricted unpickler) or ``checkpoint.safetensors``."""
-    folder = Path(folder)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{folder}: no config.json")
-    cfg = vae_config_from_release(config_path)
+    cfg = read_release_config(folder, vae_config_from_release)
     table = vae_table(cfg)
-    weights = next((folder / n for n in VAE_WEIGHT_FILES if (folder / n).is_file()), None)
-    if weights is None:
-        raise CheckpointError(f"{folder}: no VAE weights (looked for {', '.join(VAE_WEIGHT_FILES)})")
+    weights = vae_weights_file(folder)
     if weights.suffix == ".safetensors":
         with SafetensorsReader(weights) as reader:
             params = params_from_source(table, str(weights), reader.keys(), lambda k: reader.info(k).shape,

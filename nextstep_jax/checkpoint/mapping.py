@@ -40,14 +40,28 @@ class Entry:
                              f"{self.flax_shape} differ in size")
 
 
-def to_flax(entry: Entry, array: np.ndarray) -> np.ndarray:
+def _to_flax_axes(entry: Entry, array: np.ndarray) -> np.ndarray:
+    """The torch array with its axes in Flax order (a transposed view; not yet reshaped)."""
     if tuple(array.shape) != entry.torch_shape:
         raise ValueError(f"{entry.torch_key}: expected shape {entry.torch_shape}, got {tuple(array.shape)}")
     if entry.kind == "linear":
-        array = array.T
-    elif entry.kind == "conv":
-        array = array.transpose(2, 3, 1, 0)
-    return np.ascontiguousarray(array).reshape(entry.flax_shape)
+        return array.T
+    if entry.kind == "conv":
+        return array.transpose(2, 3, 1, 0)
+    return array
+
+
+def to_flax(entry: Entry, array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(_to_flax_axes(entry, array)).reshape(entry.flax_shape)
+
+
+def flax_view(entry: Entry, torch_array: np.ndarray) -> np.ndarray:
+    """``to_flax`` without the copy: a view of a C-contiguous torch-layout array, so blocks of the Flax
+    layout can be cut out of (or written into) it one at a time."""
+    view = _to_flax_axes(entry, torch_array).reshape(entry.flax_shape)
+    if view.size and not np.may_share_memory(view, torch_array):
+        raise ValueError(f"{entry.torch_key}: {entry.kind} layout of a non-contiguous array needs a copy")
+    return view
 
 
 def to_torch(entry: Entry, array: np.ndarray) -> np.ndarray:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import mmap
 import os
 import re
 import secrets
@@ -23,7 +22,7 @@ import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import IO, Any, BinaryIO, NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -236,7 +235,7 @@ class SafetensorsReader:
 
     ``path``: a folder (``model.safetensors`` or ``model.safetensors.index.json`` inside), an index file,
     or any single ``.safetensors`` file. All headers (and the index) are validated on construction.
-    Use as a context manager, or call ``close()``, to release the memory maps.
+    Use as a context manager, or call ``close()``, to close the open files.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -253,7 +252,7 @@ class SafetensorsReader:
             headers = [_read_header(target)]
             self._entries = headers[0].entries
         self._headers = {h.path: h for h in headers}
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._files: dict[Path, BinaryIO] = {}
 
     @property
     def files(self) -> tuple[Path, ...]:
@@ -287,27 +286,31 @@ class SafetensorsReader:
     def file_of(self, key: str) -> Path:
         return self._entry(key).file
 
-    def _map(self, file: Path) -> mmap.mmap:
-        if file not in self._maps:
-            with open(file, "rb") as f:
-                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            if len(mapped) != self._headers[file].size:
-                mapped.close()
-                raise CheckpointError(f"{file}: changed size on disk since its header was read")
-            self._maps[file] = mapped
-        return self._maps[file]
+    def _file(self, path: Path) -> BinaryIO:
+        if path not in self._files:
+            f = open(path, "rb")
+            if os.fstat(f.fileno()).st_size != self._headers[path].size:
+                f.close()
+                raise CheckpointError(f"{path}: changed size on disk since its header was read")
+            self._files[path] = f
+        return self._files[path]
 
     def read(self, key: str) -> np.ndarray:
-        """A fresh, writable, C-contiguous copy of one tensor, byte-exact from the file."""
+        """A fresh, writable, C-contiguous copy of one tensor, byte-exact from the file. A plain read, not a
+        memory map: mapped pages would stay resident, so reading a whole release would grow RSS to its size."""
         entry = self._entry(key)
-        dtype = DTYPES[entry.dtype]
-        raw = np.frombuffer(self._map(entry.file), np.uint8, entry.stop - entry.start, entry.start)
-        return raw.view(dtype).reshape(entry.shape).copy()
+        out = np.empty(entry.shape, DTYPES[entry.dtype])
+        raw = out.reshape(-1).view(np.uint8)
+        f = self._file(entry.file)
+        f.seek(entry.start)
+        if f.readinto(raw) != raw.size:
+            raise CheckpointError(f"{entry.file}: tensor {key!r} is cut short (file changed while reading?)")
+        return out
 
     def close(self) -> None:
-        for mapped in self._maps.values():
-            mapped.close()
-        self._maps.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
     def __enter__(self) -> SafetensorsReader:
         return self
