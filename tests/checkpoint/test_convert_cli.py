@@ -1,17 +1,14 @@
 """The convert CLI on bad input: exit code 2, one line naming the file and tensor, and no output left behind."""
 
-import io
 import json
-import os
-import pickle
 import shutil
 import subprocess
 import sys
-import zipfile
 
 import ml_dtypes
 import numpy as np
 import pytest
+from malicious_checkpoint import malicious_vae_release
 
 from nextstep_jax.checkpoint import store
 from nextstep_jax.checkpoint.convert_lib import import_release
@@ -94,24 +91,9 @@ def test_config_that_is_not_json(golden_dir, tmp_path, capsys):
                       match=[str(release / "config.json"), "not valid JSON"])
 
 
-class _Exploit:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def test_malicious_vae_pickle_is_never_executed(golden_dir, tmp_path, capsys):
-    release = tmp_path / "vae_evil"
-    release.mkdir()
-    shutil.copy(golden_dir / "vae" / "config.json", release)
     marker = tmp_path / "pwned"
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as z:
-        z.writestr("archive/data.pkl", pickle.dumps({"encoder.conv_in.weight": _Exploit(marker)}, protocol=2))
-        z.writestr("archive/version", "3\n")
-    (release / "checkpoint.pt").write_bytes(buffer.getvalue())
+    release = malicious_vae_release(tmp_path / "vae_evil", golden_dir, marker)
     _assert_bad_input(capsys, tmp_path / "out", "import", release, tmp_path / "out",
                       match=[str(release / "checkpoint.pt"), "system", "refusing"])
     assert not marker.exists()

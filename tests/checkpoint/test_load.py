@@ -1,14 +1,11 @@
 """Loading release folders into Flax params: equivalences and loud failures naming the culprit."""
 
-import io
-import os
-import pickle
 import shutil
-import zipfile
 
 import jax
 import numpy as np
 import pytest
+from malicious_checkpoint import malicious_vae_release
 
 from nextstep_jax.checkpoint.errors import CheckpointError
 from nextstep_jax.checkpoint.load import load_nextstep, load_vae
@@ -114,24 +111,9 @@ def test_vae_pt_and_safetensors_load_identically(golden_dir, tmp_path):
     _assert_same_tree(from_pt, from_st)
 
 
-class _Exploit:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def test_malicious_vae_pickle_is_rejected_without_running(golden_dir, tmp_path):
-    folder = tmp_path / "vae_evil"
-    folder.mkdir()
-    shutil.copy(golden_dir / "vae" / "config.json", folder)
     marker = tmp_path / "pwned"
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as z:
-        z.writestr("archive/data.pkl", pickle.dumps({"encoder.conv_in.weight": _Exploit(marker)}, protocol=2))
-        z.writestr("archive/version", "3\n")
-    (folder / "checkpoint.pt").write_bytes(buffer.getvalue())
+    folder = malicious_vae_release(tmp_path / "vae_evil", golden_dir, marker)
     with pytest.raises(CheckpointError, match=r"(posix|os)\.system.*checkpoint\.pt|checkpoint\.pt.*(posix|os)\.system"):
         load_vae(folder)
     assert not marker.exists()
