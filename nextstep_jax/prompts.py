@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nextstep_jax.data.sequence import area_prefix_ids
 from nextstep_jax.data.tokenizer import SPECIAL_TOKENS, load_tokenizer
 
 IMAGE_TAG = "<image>"
@@ -102,7 +103,7 @@ class PromptTokenizer:
 
     def area_ids(self, grid: tuple[int, int]) -> list[int]:
         """``<|image_area|>h*w`` (the size string is plain text, height first)."""
-        return [self.special.image_area] + self.base.encode(f"{grid[0]}*{grid[1]}")
+        return area_prefix_ids(grid, self.base)
 
     def image_block_ids(self, grid: tuple[int, int]) -> list[int]:
         sp = self.special
