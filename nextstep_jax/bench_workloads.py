@@ -20,9 +20,8 @@ from flax import linen as nn
 
 from nextstep_jax.configs import model_config, vae_config
 from nextstep_jax.generation import Generator, SamplerSettings
-from nextstep_jax.head_sampler import sample_tokens
 from nextstep_jax.models.backbone import init_cache
-from nextstep_jax.models.fm_head import SimpleMLPAdaLN, sample_head
+from nextstep_jax.models.fm_head import SimpleMLPAdaLN, head_module, sample_head
 from nextstep_jax.models.nextstep import NextStep, init_variables
 from nextstep_jax.models.vae import AutoencoderKL, downsample_factor
 from nextstep_jax.prompts import PromptTokenizer, build_prompt_rows
@@ -101,8 +100,9 @@ def fm_sample(config: dict, machine: dict) -> dict:
     head = _head_params(w["dim"], w["layers"], w["token_dim"], w["cond_dim"], key)
     rows = 2 * w["batch"]
     cond = jax.random.normal(key, (rows, w["cond_dim"]), jnp.float32).astype(dtype)
-    fn = jax.jit(lambda p, c, k: sample_tokens(p, c, cfg_mult=2, cfg=w["cfg"], num_steps=w["steps"],
-                                               timesteps_shift=w["timesteps_shift"], key=k, dtype=dtype))
+    module = head_module(head, dtype)
+    fn = jax.jit(lambda p, c, k: sample_head(module, {"params": p}, c, cfg_mult=2, cfg=w["cfg"],
+                                             num_steps=w["steps"], timesteps_shift=w["timesteps_shift"], key=k))
     first, median = _timed(lambda: fn(head, cond, key), config["warmup"], config["repeats"])
     flops = 2 * rows * w["steps"] * _matmul_weights(head)
     return {"median_s": median, "per_step_ms": median / w["steps"] * 1e3, "gflops": flops / median / 1e9,
@@ -160,12 +160,12 @@ def backbone(config: dict, machine: dict) -> dict:
     for layout, scan in (("unrolled", False), ("scan", True)):
         cfg = _backbone_cfg(b, dtype, scan)
         params = _model_params(cfg, key)
+        backbone_params = {k: v for k, v in params.items() if k not in IMAGE_MODULES}
         prefill, decode = _decode_programs(cfg, b)
         token, cache = prefill(params, ids)
         _, pre = _timed(lambda: prefill(params, ids), config["warmup"], config["repeats"])
         _, dec = _timed(lambda: decode(params, token, cache), config["warmup"], config["repeats"])
         out[layout] = {"prefill_median_ms": pre * 1e3, "decode_per_token_ms": dec / b["decode"] * 1e3}
-        backbone_params = {k: v for k, v in params.items() if k not in IMAGE_MODULES}
     param_bytes = _bytes(backbone_params)
     streamed = param_bytes - _bytes(backbone_params["embed_tokens"])
     bandwidth = machine["mem_bandwidth_gbs"] * 1e9
@@ -231,18 +231,14 @@ def generate(config: dict, machine: dict) -> dict:
 
 
 def _head_ms(config, head, cfg, precomputed: bool) -> float:
-    """One image token's flow-matching sampling at batch 1 with text CFG (2 rows), in ms: with the
-    precomputed modulations (``head_sampler``) or through ``fm_head.sample_head``."""
+    """One image token's flow-matching sampling at batch 1 with text CFG (2 rows), in ms, through
+    ``fm_head.sample_head`` with or without the precomputed modulations."""
     g = config["generate"]
     c = jax.random.normal(jax.random.key(1), (2, cfg.hidden_size), jnp.float32).astype(cfg.dtype)
     kw = dict(cfg_mult=2, cfg=g["cfg"], num_steps=g["steps"], timesteps_shift=g["timesteps_shift"],
               key=jax.random.key(2))
-    if precomputed:
-        fn = jax.jit(lambda p, c: sample_tokens(p, c, dtype=cfg.dtype, **kw))
-    else:
-        module = SimpleMLPAdaLN(token_dim=head["final_layer"]["linear"]["kernel"].shape[-1],
-                                dim=cfg.fm_head_dim, num_layers=cfg.fm_head_layers, dtype=cfg.dtype)
-        fn = jax.jit(lambda p, c: sample_head(module, {"params": p}, c, **kw))
+    module = head_module(head, cfg.dtype)
+    fn = jax.jit(lambda p, c: sample_head(module, {"params": p}, c, precompute_modulations=precomputed, **kw))
     return _timed(lambda: fn(head, c), config["warmup"], config["repeats"])[1] * 1e3
 
 

@@ -23,9 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nextstep_jax.head_sampler import sample_tokens
 from nextstep_jax.models.backbone import init_cache
-from nextstep_jax.models.fm_head import GRIDS, METHODS, num_noise_draws
+from nextstep_jax.models.fm_head import GRIDS, METHODS, head_module, num_noise_draws, sample_head
 from nextstep_jax.models.latents import patchify, unpatchify
 from nextstep_jax.models.nextstep import NextStep, scatter_image_tokens, token_dim
 from nextstep_jax.models.vae import AutoencoderKL, downsample_factor, from_model_latents, sample_posterior, \
@@ -291,6 +290,7 @@ class Generator:
         sample_keys = jax.vmap(lambda i: jax.random.fold_in(fm_stream, i))(batch["noise_ids"])
         placeholder = jnp.full((rows, 1), cfg.image_placeholder_id, jnp.int32)
         head = variables["params"]["image_head"]
+        head_net = head_module(head, dtype)
 
         def sample_token(k, h):
             c = model.apply(variables, h, method=NextStep.condition)
@@ -299,11 +299,11 @@ class Generator:
             else:
                 noise = jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, k), (draws, dim)))(
                     sample_keys).transpose(1, 0, 2)
-            x = sample_tokens(head, c, cfg_mult=plan.cfg_mult, num_steps=s.num_steps,
-                              timesteps_shift=s.timesteps_shift, last_step_size=s.last_step_size,
-                              grid=s.time_grid, method=s.method, dtype=dtype, noises=noise,
-                              cfg=cfg_at(s.cfg_schedule, batch["cfg"], k, num_tokens),
-                              cfg_img=cfg_at(s.cfg_schedule, batch["cfg_img"], k, num_tokens))
+            x = sample_head(head_net, {"params": head}, c, cfg_mult=plan.cfg_mult, num_steps=s.num_steps,
+                            timesteps_shift=s.timesteps_shift, last_step_size=s.last_step_size,
+                            grid=s.time_grid, method=s.method, noises=noise,
+                            cfg=cfg_at(s.cfg_schedule, batch["cfg"], k, num_tokens),
+                            cfg_img=cfg_at(s.cfg_schedule, batch["cfg_img"], k, num_tokens))
             # The released sampler returns the token in the model dtype; use_norm is applied to that.
             x = x.astype(dtype)
             if s.use_norm:

@@ -28,14 +28,15 @@ _xavier = nn.initializers.xavier_uniform()  # == torch xavier_uniform_ on the tr
 _zeros = nn.initializers.zeros_init()
 
 
-def _dense(features: int, axes: tuple[str, str], dtype, param_dtype, name: str,
+def _dense(features: int, axes: tuple[str, str], dtype, param_dtype, name: str | None = None,
            kernel_init=_xavier) -> nn.Dense:
+    # name=None inside setup(): the attribute name is the param name.
     return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
                     kernel_init=nn.with_logical_partitioning(kernel_init, axes),
                     bias_init=nn.with_logical_partitioning(_zeros, (axes[1],)))
 
 
-def _layer_norm(dtype, param_dtype, name: str, affine: bool) -> nn.LayerNorm:
+def _layer_norm(dtype, param_dtype, name: str | None, affine: bool) -> nn.LayerNorm:
     # Two-pass variance in float32, as torch.nn.LayerNorm.
     return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype, use_bias=affine,
                         use_scale=affine, use_fast_variance=False, name=name,
@@ -73,21 +74,33 @@ class TimestepEmbedder(nn.Module):
 
 
 class ResBlock(nn.Module):
+    """``x + gate · MLP(modulate(LN(x), shift, scale))`` with (shift, scale, gate) = ``modulation(y)``."""
+
     dim: int
     mlp_dim: int
     dtype: Any
     param_dtype: Any
 
-    @nn.compact
-    def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
-        mod = _dense(3 * self.dim, ("fm_embed", "fm_modulation"), self.dtype, self.param_dtype,
-                     "adaLN_modulation_1", _zeros)(nn.silu(y))
+    def setup(self):
+        dt, pdt = self.dtype, self.param_dtype
+        self.adaLN_modulation_1 = _dense(3 * self.dim, ("fm_embed", "fm_modulation"), dt, pdt, kernel_init=_zeros)
+        self.in_ln = _layer_norm(dt, pdt, None, True)
+        self.mlp_0 = _dense(self.mlp_dim, ("fm_embed", "fm_mlp"), dt, pdt)
+        self.mlp_2 = _dense(self.dim, ("fm_mlp", "fm_embed"), dt, pdt)
+
+    def modulation(self, y: jax.Array) -> jax.Array:
+        """[..., dim] -> [..., 3·dim] = cat(shift, scale, gate); depends on (t, c) only, not on x."""
+        return self.adaLN_modulation_1(nn.silu(y))
+
+    def modulated(self, x: jax.Array, mod: jax.Array) -> jax.Array:
         shift, scale, gate = jnp.split(mod, 3, axis=-1)
-        h = _modulate(_layer_norm(self.dtype, self.param_dtype, "in_ln", True)(x), shift, scale)
-        h = _dense(self.mlp_dim, ("fm_embed", "fm_mlp"), self.dtype, self.param_dtype, "mlp_0")(h)
-        h = nn.with_logical_constraint(nn.silu(h), ("activation_batch", "activation_mlp"))
-        h = _dense(self.dim, ("fm_mlp", "fm_embed"), self.dtype, self.param_dtype, "mlp_2")(h)
+        h = _modulate(self.in_ln(x), shift, scale)
+        h = nn.with_logical_constraint(nn.silu(self.mlp_0(h)), ("activation_batch", "activation_mlp"))
+        h = self.mlp_2(h)
         return nn.with_logical_constraint(x + gate * h, ("activation_batch", "activation_embed"))
+
+    def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+        return self.modulated(x, self.modulation(y))
 
 
 class FinalLayer(nn.Module):
@@ -96,21 +109,33 @@ class FinalLayer(nn.Module):
     dtype: Any
     param_dtype: Any
 
-    @nn.compact
-    def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
-        mod = _dense(2 * self.dim, ("fm_embed", "fm_modulation"), self.dtype, self.param_dtype,
-                     "adaLN_modulation_1", _zeros)(nn.silu(y))
+    def setup(self):
+        dt, pdt = self.dtype, self.param_dtype
+        self.adaLN_modulation_1 = _dense(2 * self.dim, ("fm_embed", "fm_modulation"), dt, pdt, kernel_init=_zeros)
+        self.norm_final = _layer_norm(dt, pdt, None, False)
+        self.linear = _dense(self.token_dim, ("fm_embed", "token"), dt, pdt, kernel_init=_zeros)
+
+    def modulation(self, y: jax.Array) -> jax.Array:
+        """[..., dim] -> [..., 2·dim] = cat(shift, scale)."""
+        return self.adaLN_modulation_1(nn.silu(y))
+
+    def modulated(self, x: jax.Array, mod: jax.Array) -> jax.Array:
         shift, scale = jnp.split(mod, 2, axis=-1)
-        x = _modulate(_layer_norm(self.dtype, self.param_dtype, "norm_final", False)(x), shift, scale)
-        v = _dense(self.token_dim, ("fm_embed", "token"), self.dtype, self.param_dtype, "linear", _zeros)(x)
+        v = self.linear(_modulate(self.norm_final(x), shift, scale))
         return nn.with_logical_constraint(v, ("activation_batch", "activation_token"))
+
+    def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+        return self.modulated(x, self.modulation(y))
 
 
 class SimpleMLPAdaLN(nn.Module):
     """The released head network: ``v = net(x [N, token_dim], t [N], c [N, cond_dim])``.
 
-    ``embed_condition(c)`` does not depend on t: compute it once per token and call ``velocity`` at every
-    sampler step; ``__call__`` is exactly their composition.
+    It is split along what each part depends on: ``embed_condition(c)`` (c only), ``modulations(t, c_emb)``
+    (every block's and the final layer's adaLN shift/scale/gate: t and c, not x) and
+    ``velocity_with_modulations(x, mods)`` (input_proj → blocks → final layer). ``velocity`` and ``__call__``
+    are exactly their composition. While one token is sampled c is fixed and t runs over a static grid, so
+    a sampler can compute the modulations of all steps in one matmul per block (``sample_head``).
     """
 
     token_dim: int = 64
@@ -123,8 +148,8 @@ class SimpleMLPAdaLN(nn.Module):
     def setup(self):
         dtype, pdt = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
         self.time_embed = TimestepEmbedder(self.dim, dtype, pdt)
-        self.cond_embed = _dense(self.dim, ("embed", "fm_embed"), dtype, pdt, "cond_embed")
-        self.input_proj = _dense(self.dim, ("token", "fm_embed"), dtype, pdt, "input_proj")
+        self.cond_embed = _dense(self.dim, ("embed", "fm_embed"), dtype, pdt)
+        self.input_proj = _dense(self.dim, ("token", "fm_embed"), dtype, pdt)
         self.res_blocks = [ResBlock(self.dim, int(self.dim * self.mlp_ratio), dtype, pdt)
                            for _ in range(self.num_layers)]
         self.final_layer = FinalLayer(self.dim, self.token_dim, dtype, pdt)
@@ -133,13 +158,27 @@ class SimpleMLPAdaLN(nn.Module):
         """[N, cond_dim] -> [N, dim] in the compute dtype."""
         return nn.with_logical_constraint(self.cond_embed(c), ("activation_batch", "activation_embed"))
 
+    def modulations(self, t: jax.Array, c_emb: jax.Array) -> tuple[list[jax.Array], jax.Array]:
+        """(per block [..., 3·dim], final layer [..., 2·dim]) for y = time_embed(t) + c_emb.
+
+        ``t`` has any shape T; ``c_emb`` [..., dim] broadcasts against T + (dim,): t [N] with c_emb [N, dim]
+        gives one row per (t, c) pair, t [S, 1] with c_emb [N, dim] gives the [S, N, ·] table of a step grid.
+        """
+        t_emb = self.time_embed(t.reshape(-1)).reshape(*t.shape, self.dim)
+        y = t_emb + c_emb
+        return [block.modulation(y) for block in self.res_blocks], self.final_layer.modulation(y)
+
+    def velocity_with_modulations(self, x: jax.Array, mods: tuple[list[jax.Array], jax.Array]) -> jax.Array:
+        """v [N, token_dim] (compute dtype) from x [N, token_dim] and ``modulations`` rows [N, ·]."""
+        block_mods, final_mod = mods
+        h = nn.with_logical_constraint(self.input_proj(x), ("activation_batch", "activation_embed"))
+        for block, mod in zip(self.res_blocks, block_mods, strict=True):
+            h = block.modulated(h, mod)
+        return self.final_layer.modulated(h, final_mod)
+
     def velocity(self, x: jax.Array, t: jax.Array, c_emb: jax.Array) -> jax.Array:
         """v [N, token_dim] (compute dtype) from the precomputed condition embedding."""
-        h = nn.with_logical_constraint(self.input_proj(x), ("activation_batch", "activation_embed"))
-        y = self.time_embed(t) + c_emb
-        for block in self.res_blocks:
-            h = block(h, y)
-        return self.final_layer(h, y)
+        return self.velocity_with_modulations(x, self.modulations(t, c_emb))
 
     def __call__(self, x: jax.Array, t: jax.Array, c: jax.Array) -> jax.Array:
         return self.velocity(x, t, self.embed_condition(c))
@@ -288,12 +327,51 @@ def sample(velocity_fn: VelocityFn, cond: Any, *, cfg_mult: int, cfg=1.0, cfg_im
     return x
 
 
-def sample_head(module: SimpleMLPAdaLN, params, c: jax.Array, **kwargs) -> jax.Array:
-    """``sample`` with the head network in its compute dtype; the condition embedding is computed once,
-    outside the step loop. ``kwargs`` are those of ``sample``."""
+def eval_times(num_steps: int, timesteps_shift: float = 1.0, last_step_size: float = 0.04,
+               grid: str = "nextstep1") -> np.ndarray:
+    """The t values (float32) at which ``sample`` evaluates the network, in order."""
+    ts = timesteps(num_steps, timesteps_shift, last_step_size, grid)
+    return ts if grid == "nextstep1" else ts[:-1]
+
+
+def head_module(head_params, dtype: Any = jnp.float32) -> SimpleMLPAdaLN:
+    """The ``SimpleMLPAdaLN`` whose params are ``head_params`` (e.g. a model's ``image_head`` subtree)."""
+    dim = head_params["input_proj"]["kernel"].shape[-1]
+    return SimpleMLPAdaLN(token_dim=head_params["final_layer"]["linear"]["kernel"].shape[-1], dim=dim,
+                          num_layers=sum(1 for k in head_params if k.startswith("res_blocks_")),
+                          mlp_ratio=head_params["res_blocks_0"]["mlp_0"]["kernel"].shape[-1] / dim, dtype=dtype)
+
+
+def sample_head(module: SimpleMLPAdaLN, params, c: jax.Array, *, precompute_modulations: bool = True,
+                **kwargs) -> jax.Array:
+    """``sample`` with the head network in its compute dtype for conditions c [rows, cond_dim]; ``kwargs``
+    are those of ``sample``. The condition embedding is computed once, outside the step loop.
+
+    With ``precompute_modulations`` (default) every step's adaLN modulations — about 60% of the head's
+    weights — are computed before the loop in one [steps·rows]-row matmul per block, and each step only
+    streams input_proj, the block MLPs and the final linear layer. Same ops, same dtypes: the result is
+    identical to evaluating the full network at every step (``precompute_modulations=False``).
+    """
     c_emb = module.apply(params, c, method=module.embed_condition)
+    sample_kw = dict(token_dim=module.token_dim, compute_dtype=module.dtype, **kwargs)
+    if not precompute_modulations:
+        def velocity_fn(x, t, ce):
+            return module.apply(params, x, t, ce, method=module.velocity)
 
-    def velocity_fn(x, t, ce):
-        return module.apply(params, x, t, ce, method=module.velocity)
+        return sample(velocity_fn, c_emb, **sample_kw)
 
-    return sample(velocity_fn, c_emb, token_dim=module.token_dim, compute_dtype=module.dtype, **kwargs)
+    dtype = jnp.dtype(module.dtype)
+    grid_kw = {k: kwargs[k] for k in ("timesteps_shift", "last_step_size", "grid") if k in kwargs}
+    # sample() feeds t rounded to the compute dtype: the table is built from, and looked up by, those values.
+    # Grid points that round to the same value have identical modulations, so any match is the right one.
+    t_keys = jnp.asarray(eval_times(kwargs["num_steps"], **grid_kw)).astype(dtype)
+    table = module.apply(params, t_keys[:, None], c_emb, method=module.modulations)  # [steps, rows, ·]
+
+    def velocity_fn(x, t, cond):
+        tab = cond[1]
+        index = jnp.argmax(t_keys == t[0])
+        mods = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, 0, keepdims=False), tab)
+        return module.apply(params, x, mods, method=module.velocity_with_modulations)
+
+    # c_emb leads the pytree: sample() counts rows from its first leaf.
+    return sample(velocity_fn, (c_emb, table), **sample_kw)
