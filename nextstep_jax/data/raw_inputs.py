@@ -55,48 +55,48 @@ def _nonempty_text(value) -> str:
     return value
 
 
-def image_folder(images_dir: str | Path, captions: str | Path) -> Iterator[Sample | Skipped]:
-    root = Path(images_dir)
-    for line_no, obj in _jsonl(Path(captions)):
-        key = f"{Path(captions).name}:{line_no}"
+def _jsonl_samples(path: Path, build) -> Iterator[Sample | Skipped]:
+    """``build(obj, key)`` for every JSONL object; unparsable lines and ``BadSample`` become ``Skipped``."""
+    for line_no, obj in _jsonl(path):
+        key = f"{path.name}:{line_no}"
         if obj is None:
             yield Skipped("bad_record", key)
             continue
         try:
-            image = _read_image(root, obj.get("file"))
-            caption = _nonempty_text(obj.get("caption"))
+            yield build(obj, key)
         except BadSample as e:
             yield Skipped(e.reason, key)
-            continue
-        yield Sample(key=str(obj["file"]), kind="t2i", segments=(caption, image))
+
+
+def image_folder(images_dir: str | Path, captions: str | Path) -> Iterator[Sample | Skipped]:
+    root = Path(images_dir)
+
+    def build(obj: dict, key: str) -> Sample:
+        image = _read_image(root, obj.get("file"))
+        return Sample(key=str(obj["file"]), kind="t2i", segments=(_nonempty_text(obj.get("caption")), image))
+
+    return _jsonl_samples(Path(captions), build)
 
 
 def editing_triplets(edits: str | Path, images_dir: str | Path) -> Iterator[Sample | Skipped]:
     root = Path(images_dir)
-    for line_no, obj in _jsonl(Path(edits)):
-        key = f"{Path(edits).name}:{line_no}"
-        if obj is None:
-            yield Skipped("bad_record", key)
-            continue
-        try:
-            source = _read_image(root, obj.get("input_image"))
-            instruction = _nonempty_text(obj.get("instruction"))
-            target = _read_image(root, obj.get("output_image"))
-        except BadSample as e:
-            yield Skipped(e.reason, key)
-            continue
-        yield Sample(key=str(obj.get("unique_id", key)), kind="edit", segments=(source, instruction, target))
+
+    def build(obj: dict, key: str) -> Sample:
+        source = _read_image(root, obj.get("input_image"))
+        instruction = _nonempty_text(obj.get("instruction"))
+        target = _read_image(root, obj.get("output_image"))
+        return Sample(key=str(obj.get("unique_id", key)), kind="edit", segments=(source, instruction, target))
+
+    return _jsonl_samples(Path(edits), build)
 
 
 def plain_text(path: str | Path) -> Iterator[Sample | Skipped]:
-    for line_no, obj in _jsonl(Path(path)):
-        key = f"{Path(path).name}:{line_no}"
-        if obj is None:
-            yield Skipped("bad_record", key)
-        elif not isinstance(obj.get("text"), str) or not obj["text"].strip():
-            yield Skipped("empty_text", key)
-        else:
-            yield Sample(key=key, kind="text", segments=(obj["text"],))
+    def build(obj: dict, key: str) -> Sample:
+        if not isinstance(obj.get("text"), str) or not obj["text"].strip():
+            raise BadSample("empty_text")
+        return Sample(key=key, kind="text", segments=(obj["text"],))
+
+    return _jsonl_samples(Path(path), build)
 
 
 def webdataset_tars(tars: list[str | Path], kind: str) -> Iterator[Sample | Skipped]:
