@@ -25,7 +25,7 @@ import numpy as np
 
 from nextstep_jax.models.backbone import init_cache
 from nextstep_jax.models.fm_head import GRIDS, METHODS, head_module, num_noise_draws, sample_head
-from nextstep_jax.models.latents import patchify, unpatchify
+from nextstep_jax.models.latents import normalize_tokens, patchify, unpatchify
 from nextstep_jax.models.nextstep import NextStep, scatter_image_tokens, token_dim
 from nextstep_jax.models.vae import AutoencoderKL, downsample_factor, from_model_latents, sample_posterior, \
     to_model_latents
@@ -33,7 +33,6 @@ from nextstep_jax.prompts import PromptError, PromptRows, cfg_mult_for
 from nextstep_jax.text_decoding import TextSettings, decode_text
 
 CFG_SCHEDULES = ("constant", "linear", "linear_increasing")
-USE_NORM_EPS = 1e-6
 # Independent random streams per sample.
 _FM_STREAM, _VAE_STREAM, _TEXT_STREAM = 0, 1, 2
 
@@ -88,14 +87,6 @@ def cfg_at(schedule: str, cfg, k, num_tokens: int):
     if schedule == "linear":
         return 1 + (cfg - 1) * (num_tokens - k) / num_tokens
     return jnp.maximum(cfg / 2, 1 + (cfg - 1) * k / num_tokens)
-
-
-def layer_norm_tokens(x, dtype):
-    """``use_norm``: parameter-free LayerNorm over the 64 features (eps 1e-6), as torch's in ``dtype``."""
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    return ((x32 - mean) * jax.lax.rsqrt(var + USE_NORM_EPS)).astype(dtype)
 
 
 def pixels_from_uint8(images: np.ndarray) -> np.ndarray:
@@ -307,7 +298,7 @@ class Generator:
             # The released sampler returns the token in the model dtype; use_norm is applied to that.
             x = x.astype(dtype)
             if s.use_norm:
-                x = layer_norm_tokens(x, dtype)
+                x = normalize_tokens(x)
             if plan.progress:
                 jax.debug.callback(self._report, k)
             return x

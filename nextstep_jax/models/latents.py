@@ -6,6 +6,7 @@ patch position inner, dy before dx), matching the official NCHW implementation.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
@@ -30,3 +31,13 @@ def unpatchify(tokens: jnp.ndarray, h: int, w: int, p: int) -> jnp.ndarray:
     x = tokens.reshape(b, h, w, c, p, p)
     x = x.transpose(0, 1, 4, 2, 5, 3)  # b, hi, dy, wi, dx, c
     return x.reshape(b, h * p, w * p, c)
+
+
+def normalize_tokens(tokens: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
+    """Parameter-free LayerNorm over the last (token feature) axis, statistics in float32 with the biased
+    variance, result in the input dtype. It is both the VAE's ``encoder_norm`` of every 64-d patch and the
+    sampler's ``use_norm`` (REFERENCE §4.4, §8.4), which is why sampled tokens land on the encoder's manifold."""
+    x = tokens.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return ((x - mean) * jax.lax.rsqrt(var + eps)).astype(tokens.dtype)

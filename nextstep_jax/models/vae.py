@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from nextstep_jax.models.latents import patchify, unpatchify
+from nextstep_jax.models.latents import normalize_tokens, patchify, unpatchify
 
 NUM_GROUPS = 32
 NORM_EPS = 1e-6
@@ -209,11 +209,7 @@ def normalize_mean(mean, cfg):
         return mean
     b, h, w, _ = mean.shape
     p = cfg.psz
-    tokens = patchify(mean, p)
-    mu = tokens.mean(axis=-1, keepdims=True)
-    var = jnp.square(tokens - mu).mean(axis=-1, keepdims=True)
-    tokens = (tokens - mu) * jax.lax.rsqrt(var + LATENT_NORM_EPS)
-    return unpatchify(tokens, h // p, w // p, p)
+    return unpatchify(normalize_tokens(patchify(mean, p), LATENT_NORM_EPS), h // p, w // p, p)
 
 
 def sample_posterior(mean, logvar, cfg, *, key=None, eps=None):
