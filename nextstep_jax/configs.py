@@ -67,8 +67,8 @@ def model_config(**overrides: Any) -> ml_collections.ConfigDict:
 
 
 def vae_config(**overrides: Any) -> ml_collections.ConfigDict:
-    """Defaults = the released f8ch16 tokenizer architecture; normalisation fields must come from its
-    config.json (REFERENCE §8.1, §14 #11), these are only the code defaults of the official repo."""
+    """Defaults = the released f8ch16 tokenizer (REFERENCE §8.1): architecture, encoder_norm with psz 2,
+    deterministic posterior, identity latent scaling. Loading a release always reads its config.json."""
     cfg = ml_collections.ConfigDict(
         dict(
             resolution=256,
@@ -175,10 +175,8 @@ def vae_config_from_release(release: dict | str | Path) -> ml_collections.Config
     fields = dict(release)
     if "ch_mult" in fields:
         fields["ch_mult"] = tuple(int(m) for m in fields["ch_mult"])
-    if fields.get("psz") is None:
-        fields["psz"] = 1
-    # Code defaults of the official AutoEncoderParams for fields a config.json may omit.
-    defaults = dict(encoder_norm=False, deterministic=False)
-    for k, v in defaults.items():
-        fields.setdefault(k, v)
+    if "psz" in fields and fields["psz"] is None:
+        fields["psz"] = 1  # no patch grouping: encoder_norm normalises each pixel's z channels
+    # Fields a config.json omits fall back to the released tokenizer's values, as REFERENCE §8.1 asks (the
+    # scaling/shift pair is required above: guessing it would silently use the wrong latent space).
     return vae_config(**fields)

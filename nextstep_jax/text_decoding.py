@@ -64,8 +64,11 @@ def decode_text(model: NextStep, variables, *, h, cache, kv_valid, pos, first_sl
 
     def body(g, st):
         h, h_boi, cache, kv_valid, pos, phase, j, count, text = st
-        logits = model.apply(variables, h, method=NextStep.logits).at[:, banned].set(-jnp.inf)
-        sampled = next_token(logits, jax.vmap(jax.random.fold_in, (0, None))(keys, g), temperature, top_p)
+        # Only the conditional rows generate text (the CFG rows are done): no LM head on the others.
+        logits = model.apply(variables, h[:open_rows], method=NextStep.logits).at[:, banned].set(-jnp.inf)
+        sampled = next_token(logits, jax.vmap(jax.random.fold_in, (0, None))(keys[:open_rows], g), temperature,
+                             top_p)
+        sampled = jnp.concatenate([sampled, jnp.full((rows - open_rows,), cfg.pad_token_id, jnp.int32)])
         in_text = phase == _TEXT
         switch = in_text & (jnp.isin(sampled, stop) | (count >= max_tokens))
         emit = in_text & ~switch

@@ -82,3 +82,12 @@ def test_vae_config_reads_normalisation(golden_dir):
 
 def test_model_config_overrides():
     assert model_config(num_layers=3).num_layers == 3
+
+
+def test_vae_config_missing_fields_fall_back_to_the_released_tokenizer(golden_dir):
+    release = json.loads((golden_dir / "vae" / "config.json").read_text())
+    for key in ("encoder_norm", "deterministic", "psz"):
+        release.pop(key, None)
+    cfg = vae_config_from_release(release)
+    assert cfg.encoder_norm is True and cfg.deterministic is True and cfg.psz == 2
+    assert vae_config_from_release({**release, "psz": None}).psz == 1

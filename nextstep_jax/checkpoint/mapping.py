@@ -255,3 +255,10 @@ def vae_table(cfg) -> list[Entry]:
     out += _vae_norm("decoder.norm_out", ("decoder", "norm_out"), c_last)
     out += _vae_conv("decoder.conv_out", ("decoder", "conv_out"), c_last, cfg.out_ch, 3)
     return out
+
+
+def table_for(kind: str, cfg) -> list[Entry]:
+    """The table of a checkpoint ``kind``: "nextstep" (model) or "vae" (tokenizer)."""
+    if kind not in ("nextstep", "vae"):
+        raise ValueError(f"unknown checkpoint kind {kind!r}")
+    return nextstep_table(cfg) if kind == "nextstep" else vae_table(cfg)

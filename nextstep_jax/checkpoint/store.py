@@ -34,7 +34,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from nextstep_jax.checkpoint.errors import CheckpointError
 from nextstep_jax.checkpoint.layout import transfer
 from nextstep_jax.checkpoint.load import canonical_key
-from nextstep_jax.checkpoint.mapping import Entry, flax_view, nextstep_table, vae_table
+from nextstep_jax.checkpoint.mapping import Entry, flax_view, nextstep_table, table_for
 from nextstep_jax.checkpoint.orbax_io import ItemReader, ItemWriter, blocks, chunk_shape, restore_item
 from nextstep_jax.checkpoint.safetensors_io import DTYPES
 from nextstep_jax.configs import model_config, vae_config
@@ -92,7 +92,7 @@ class Manifest:
 
     def table(self, cfg: ml_collections.ConfigDict | None = None) -> list[Entry]:
         cfg = cfg or self.model_config()
-        return nextstep_table(cfg) if self.kind == "nextstep" else vae_table(cfg)
+        return table_for(self.kind, cfg)
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:
@@ -165,7 +165,7 @@ class StoreWriter:
     def __init__(self, directory: Path, kind: str, cfg: ml_collections.ConfigDict,
                  leaf_dtype: Callable[[tuple[str, ...]], np.dtype]):
         self.directory = directory
-        table = nextstep_table(cfg) if kind == "nextstep" else vae_table(cfg)
+        table = table_for(kind, cfg)
         boxed = _leaves(abstract_params(kind, cfg))
         self._params = ItemWriter(directory / PARAMS_ITEM)
         self._extra: ItemWriter | None = None

@@ -81,11 +81,3 @@ def normalize(pixels: np.ndarray) -> np.ndarray:
     """uint8 [0, 255] -> float32 [-1, 1] ((x/255 - 0.5) / 0.5)."""
     return pixels.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
 
-
-def patchify_latent(latent: np.ndarray, p: int) -> np.ndarray:
-    """[H, W, C] -> [(H/p)(W/p), C·p·p], same feature order as models/latents.patchify (c, dy, dx)."""
-    h, w, c = latent.shape
-    if h % p or w % p:
-        raise ValueError(f"latent spatial shape {(h, w)} is not divisible by patch size {p}")
-    x = latent.reshape(h // p, p, w // p, p, c).transpose(0, 2, 4, 1, 3)
-    return x.reshape((h // p) * (w // p), c * p * p)

@@ -26,6 +26,7 @@ from nextstep_jax.data.buckets import PIXELS_PER_TOKEN, nearest_grid
 from nextstep_jax.data.samples import (BadSample, EncodedImage, LatentImage, PixelImage, Sample, Skipped,
                                        check_structure)
 from nextstep_jax.data.sequence import ImagePart, TokenLayout, layout_document
+from nextstep_jax.models.latents import patchify
 
 IMAGE_INPUTS = ("pixels", "latents")
 
@@ -127,7 +128,7 @@ class PrepareDocument(grain.transforms.RandomMap):
             if c != opts.latent_channels:
                 raise ValueError(f"cached latent has {c} channels, config says {opts.latent_channels}")
             p = opts.patch_size
-            tokens = image_ops.patchify_latent(image.latent.astype(np.float32), p)
+            tokens = patchify(image.latent.astype(np.float32)[None], p)[0]
             return tokens, (h // p, w // p)
         if isinstance(image, LatentImage):
             raise ValueError("pipeline expects pixels but a sample has latents; use image_input='latents'")

@@ -88,12 +88,6 @@ class NextStep(nn.Module):
     def head_velocity(self, x, t, c):
         return self.image_head(x, t, c)
 
-    def head_condition_embedding(self, c):
-        return self.image_head.embed_condition(c)
-
-    def head_velocity_from_embedding(self, x, t, c_emb):
-        return self.image_head.velocity(x, t, c_emb)
-
     def touch_all(self, input_ids, image_tokens):
         """Runs every submodule once, so ``init(..., method=NextStep.touch_all)`` creates all params."""
         hidden = self(input_ids, image_tokens)

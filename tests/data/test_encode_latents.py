@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from nextstep_jax.data.encode_latents import encode_records, main, sharded_encoder, vae_encode_fn
-from nextstep_jax.data.images import decode_rgb, normalize, patchify_latent, resize_center_crop
+from nextstep_jax.models.latents import patchify
+from nextstep_jax.data.images import decode_rgb, normalize, resize_center_crop
 from nextstep_jax.data.pipeline import DataConfig, DatasetSpec, make_iterator
 from nextstep_jax.data.records import RecordWriter
 from nextstep_jax.data.samples import EncodedImage, LatentImage, Sample
@@ -79,7 +80,7 @@ def test_latent_records_feed_the_pipeline(pixel_records, tmp_path, tokenizer):
     encode_records(records, tmp_path / "latents", run, batch_size, image_size=64, multi_aspect=True, progress=False)
     source = RecordSource(tmp_path / "latents")
     expected_tokens = {
-        s.texts[0]: np.concatenate([patchify_latent(x.latent, 2) for x in s.segments if isinstance(x, LatentImage)])
+        s.texts[0]: np.concatenate([patchify(x.latent[None], 2)[0] for x in s.segments if isinstance(x, LatentImage)])
         for s in (source[i] for i in range(len(source))) if s.kind != "text"}
     config = DataConfig(seq_len=128, batch_size=2, image_input="latents", image_size=64, multi_aspect=True,
                         caption_dropout=0.0, edit_dropout=0.0, num_epochs=1, shard_index=0, shard_count=1)

@@ -1,14 +1,12 @@
 import io
 import tracemalloc
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from nextstep_jax.data.images import decode_rgb, normalize, patchify_latent, resize_center_crop
+from nextstep_jax.data.images import decode_rgb, normalize, resize_center_crop
 from nextstep_jax.data.samples import BadSample
-from nextstep_jax.models.latents import patchify
 
 
 def _reason(data: bytes, **kwargs) -> str:
@@ -112,10 +110,3 @@ def test_normalize_range():
     x = np.array([0, 255, 51], np.uint8)
     np.testing.assert_allclose(normalize(x), [-1.0, 1.0, 51 / 255 * 2 - 1], rtol=0, atol=1e-7)
     assert normalize(x).dtype == np.float32
-
-
-@pytest.mark.parametrize("h,w,c,p", [(4, 6, 16, 2), (2, 2, 3, 1), (8, 4, 4, 4)])
-def test_patchify_latent_matches_model_patchify(h, w, c, p):
-    latent = np.random.default_rng(1).standard_normal((h, w, c)).astype(np.float32)
-    expected = np.asarray(patchify(jnp.asarray(latent[None]), p))[0]
-    np.testing.assert_array_equal(patchify_latent(latent, p), expected)

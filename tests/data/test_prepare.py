@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from nextstep_jax.data.images import normalize, patchify_latent
+from nextstep_jax.models.latents import patchify
+from nextstep_jax.data.images import normalize
 from nextstep_jax.data.prepare import Document, PrepareDocument, PrepareOptions
 from nextstep_jax.data.samples import EncodedImage, LatentImage, PixelImage, Sample, Skipped
 from nextstep_jax.data.shapes import ShapesConfig, generate
@@ -88,7 +89,7 @@ def test_latents_become_patchified_tokens(tokenizer):
     latent = np.random.default_rng(0).standard_normal((4, 6, 16)).astype(np.float16)
     doc = _prepare(tokenizer, Sample("l", "t2i", ("c", LatentImage(latent))), image_input="latents")
     assert "<|image_area|>2*3<|begin_of_image|>" in tokenizer.decode(doc.input_ids)
-    np.testing.assert_array_equal(doc.images[0], patchify_latent(latent.astype(np.float32), 2))
+    np.testing.assert_array_equal(doc.images[0], patchify(latent.astype(np.float32)[None], 2)[0])
 
 
 def test_wrong_image_input_is_a_configuration_error(tokenizer, images):
