@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nextstep_jax.data.images import normalize
 from nextstep_jax.models.backbone import init_cache
 from nextstep_jax.models.fm_head import GRIDS, METHODS, head_module, num_noise_draws, sample_head
 from nextstep_jax.models.latents import normalize_tokens, patchify, unpatchify
@@ -87,11 +88,6 @@ def cfg_at(schedule: str, cfg, k, num_tokens: int):
     if schedule == "linear":
         return 1 + (cfg - 1) * (num_tokens - k) / num_tokens
     return jnp.maximum(cfg / 2, 1 + (cfg - 1) * k / num_tokens)
-
-
-def pixels_from_uint8(images: np.ndarray) -> np.ndarray:
-    """uint8 [..., H, W, 3] -> float32 [-1, 1] with the official ToTensor + Normalize(0.5, 0.5) op order."""
-    return (images.astype(np.float32) / np.float32(255.0) - np.float32(0.5)) / np.float32(0.5)
 
 
 def uint8_from_pixels(pixels: jax.Array) -> jax.Array:
@@ -189,7 +185,7 @@ class Generator:
             raise PromptError(f"input images must be uint8 [H, W, 3], got {stacked.dtype} {stacked.shape[1:]}")
         fed = np.arange(len(rows.image_rows))
         keys = np.stack([np.asarray(rows.image_copy), sample_ids[fed % rows.num_samples]], 1).astype(np.int32)
-        return dict(pixels=pixels_from_uint8(stacked), image_keys=keys,
+        return dict(pixels=normalize(stacked), image_keys=keys,
                     vae_eps=None if vae_eps is None else np.asarray(vae_eps, np.float32))
 
     def _checked_noises(self, rows: PromptRows, sampler: SamplerSettings, noises):

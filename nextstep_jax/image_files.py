@@ -15,7 +15,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, PngImagePlugin
+
+from nextstep_jax.data.images import open_image, to_rgb
+from nextstep_jax.data.samples import BadSample
 
 
 class ImageFileError(ValueError):
@@ -23,21 +26,16 @@ class ImageFileError(ValueError):
 
 
 def load_rgb(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
-    """uint8 [H, W, 3] of the image at ``path`` (EXIF orientation applied, alpha over white), resized with
-    bicubic filtering to ``size`` = (H, W) when given (the official example resizes its input)."""
+    """uint8 [H, W, 3] of the image at ``path`` (EXIF orientation applied, alpha over white, with the data
+    builder's decoding guards), resized with bicubic filtering to ``size`` = (H, W) when given (the official
+    example resizes its input)."""
     path = Path(path)
     if not path.is_file():
         raise ImageFileError(f"input image {path} does not exist")
     try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        img = to_rgb(open_image(path.read_bytes()))
+    except BadSample as e:
         raise ImageFileError(f"cannot decode input image {path}: {e}") from None
-    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    img = img.convert("RGB")
     if size is not None and img.size != (size[1], size[0]):
         img = img.resize((size[1], size[0]), Image.Resampling.BICUBIC)
     return np.asarray(img)

@@ -61,14 +61,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m nextstep_jax.sample", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True,
                    help="official release folder (config.json + *.safetensors) or a converted Orbax checkpoint")
-    p.add_argument("--vae", help="VAE release folder (config.json + checkpoint.pt) or converted checkpoint; "
+    p.add_argument("--vae", help="VAE release folder (config.json + checkpoint.safetensors or checkpoint.pt) or converted checkpoint; "
                                  "default <model>/vae")
     p.add_argument("--tokenizer", help="tokenizer.json / tokenizer.model or its folder; default: the model's "
                                        "folder (for a converted checkpoint its release/ folder)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help=f"caption; for editing it contains {IMAGE_TAG} once")
     src.add_argument("--prompts-file", help="JSONL, one object per line with 'prompt' and optionally 'image', "
-                                            "'negative_prompt', 'positive_prompt', 'seed', 'name'")
+                                            "'negative_prompt', 'positive_prompt', 'seed' (overrides --seed), 'name'; "
+                                            "image paths are relative to the file's folder")
     p.add_argument("--image", help=f"input image for editing (the prompt's {IMAGE_TAG})")
     p.add_argument("--image-hw", type=_pair, help="resize input images to H,W (default: --hw)")
     p.add_argument("--hw", type=_pair, default=(512, 512), help="output size H,W (default 512,512)")

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from nextstep_jax.checkpoint.load import load_vae
-from nextstep_jax.generation import Generator, SamplerSettings, cfg_at, pixels_from_uint8
+from nextstep_jax.data.images import normalize
+from nextstep_jax.generation import Generator, SamplerSettings, cfg_at
 from nextstep_jax.models.nextstep import NextStep
 from nextstep_jax.prompts import PromptTokenizer, build_prompt_rows
 from nextstep_jax.text_decoding import TextSettings
@@ -62,7 +63,7 @@ def test_pipeline_parity(golden_dir, load_case, generator, tok, name):
     if "vae_draws" in case:
         eps = case["vae_draws"]
         vae_eps = _nhwc(eps.reshape(-1, *eps.shape[-3:]))
-        np.testing.assert_array_equal(pixels_from_uint8(np.stack([images[i] for i in rows.image_rows])),
+        np.testing.assert_array_equal(normalize(np.stack([images[i] for i in rows.image_rows])),
                                       _nhwc(case["pixel_values"]))
     out = generator.generate(rows, sampler, cfg=kwargs["cfg"], cfg_img=kwargs["cfg_img"], seed=kwargs["seed"],
                              images=images, noises=noises, vae_eps=vae_eps)

@@ -82,10 +82,11 @@ def _verified(samples, max_pixels: int, workers: int) -> Iterator[Sample | Skipp
 def _parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m nextstep_jax.data.build", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output directory (must be empty or absent)")
-    p.add_argument("--images", help="image folder (with --captions, or the base of --edits paths)")
+    p.add_argument("--images", help="image folder (with --captions; with --edits the base of its image paths, default: the edits "
+                        "file's folder)")
     p.add_argument("--captions", help="JSONL of {file, caption} (with --images)")
     p.add_argument("--tars", help="tar file, directory of tars, or glob")
-    p.add_argument("--kind", default="t2i", choices=KINDS, help="sample kind of --tars (default t2i)")
+    p.add_argument("--kind", choices=KINDS, help="sample kind of --tars (default t2i)")
     p.add_argument("--edits", help="JSONL of {input_image, instruction, output_image}")
     p.add_argument("--text", help="JSONL of {text}")
     p.add_argument("--records-per-shard", type=int, default=1000)
@@ -99,6 +100,9 @@ def _parse_args(argv):
         p.error("give exactly one of --captions (with --images), --tars, --edits, --text")
     if args.captions and not args.images:
         p.error("--captions needs --images")
+    if args.kind and not args.tars:
+        p.error("--kind applies to --tars only")
+    args.kind = args.kind or "t2i"
     return args
 
 
