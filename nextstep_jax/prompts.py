@@ -17,19 +17,15 @@ a prompt (which would desynchronise placeholders and images) are errors.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 
 from nextstep_jax.data.sequence import area_prefix_ids
-from nextstep_jax.data.tokenizer import SPECIAL_TOKENS, load_tokenizer
+from nextstep_jax.data.tokenizer import load_tokenizer
 
 IMAGE_TAG = "<image>"
-# Special tokens of the NextStep vocabulary beyond the structural ones (REFERENCE §7.1).
-EXTRA_SPECIAL_TOKENS = ("<|begin_of_prompt_refinement|>", "<|end_of_prompt_refinement|>", "<|begin_of_thinking|>",
-                        "<|end_of_thinking|>")
 _SPECIAL_MARKUP = re.compile(r"<\|[^<>|\s]*\|>")
 
 
@@ -37,38 +33,14 @@ class PromptError(ValueError):
     """A prompt, setting or input that the official pipeline cannot turn into a valid sequence."""
 
 
-def _tokenizer_file(path: Path) -> Path:
-    """The file ``load_tokenizer`` reads for ``path``."""
-    if path.is_dir():
-        for name in ("tokenizer.json", "tokenizer.model"):
-            if (path / name).is_file():
-                return path / name
-        raise FileNotFoundError(f"{path} has neither tokenizer.json nor tokenizer.model")
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer {path} does not exist")
-    return path
-
-
-def _added_tokens(file: Path) -> dict[str, int]:
-    """Every special-token string the tokenizer matches inside text -> id."""
-    if file.suffix == ".json":
-        return {t["content"]: int(t["id"]) for t in json.loads(file.read_text()).get("added_tokens", [])}
-    import sentencepiece
-
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(file))
-    names = (*SPECIAL_TOKENS.values(), *EXTRA_SPECIAL_TOKENS)
-    return {n: sp.piece_to_id(n) for n in names if sp.piece_to_id(n) != sp.unk_id()}
-
-
 class PromptTokenizer:
     """Text -> ids as the official ``tokenizer(text)``: special-token strings become their ids and the text
     between them goes through the plain tokenizer (``data.tokenizer``, which keeps such strings as text)."""
 
     def __init__(self, path: str | Path):
-        file = _tokenizer_file(Path(path))
-        self.base = load_tokenizer(file)
+        self.base = load_tokenizer(path)
         self.special = self.base.special
-        self.added = _added_tokens(file)
+        self.added = self.base.added_tokens()
         self.structural = {s: i for s, i in self.added.items() if i in self.special.structural()}
         # Longest first so that no special string matches inside a longer one.
         names = sorted(self.added, key=len, reverse=True)

@@ -23,6 +23,10 @@ SPECIAL_TOKENS = {
     "placeholder": "<|image_placeholder|>",
 }
 
+# Special tokens of the NextStep vocabulary beyond the structural ones (REFERENCE §7.1).
+EXTRA_SPECIAL_TOKENS = ("<|begin_of_prompt_refinement|>", "<|end_of_prompt_refinement|>", "<|begin_of_thinking|>",
+                        "<|end_of_thinking|>")
+
 
 @dataclasses.dataclass(frozen=True)
 class SpecialIds:
@@ -73,6 +77,10 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         return self._tok().decode(list(ids), skip_special_tokens=False)
 
+    def added_tokens(self) -> dict[str, int]:
+        """Every added (special) token string -> id; the official tokenizer matches these inside text."""
+        return {t.content: i for i, t in self._tok().get_added_tokens_decoder().items()}
+
     def __getstate__(self):
         return {"_json": self._json, "special": self.special}
 
@@ -116,6 +124,12 @@ class SentencePieceTokenizer:
 
     def decode(self, ids) -> str:
         return self._sp().decode([int(i) for i in ids])
+
+    def added_tokens(self) -> dict[str, int]:
+        """The NextStep special-token strings this model defines (as user symbols) -> id."""
+        sp = self._sp()
+        names = (*SPECIAL_TOKENS.values(), *EXTRA_SPECIAL_TOKENS)
+        return {n: sp.piece_to_id(n) for n in names if sp.piece_to_id(n) != sp.unk_id()}
 
     def __getstate__(self):
         return {"_proto": self._proto, "special": self.special}

@@ -1,3 +1,4 @@
+import json
 import pickle
 
 import pytest
@@ -74,3 +75,13 @@ def test_load_tokenizer_dispatch(tmp_path, golden_dir):
     (tmp_path / "x.txt").write_text("")
     with pytest.raises(ValueError, match="unrecognised"):
         load_tokenizer(tmp_path / "x.txt")
+
+
+def test_added_tokens(sp_model, golden_dir):
+    hf = load_tokenizer(golden_dir / "tokenizer")
+    listed = json.loads((golden_dir / "tokenizer" / "tokenizer.json").read_text())["added_tokens"]
+    assert hf.added_tokens() == {t["content"]: t["id"] for t in listed}
+    sp = load_tokenizer(sp_model)
+    proc = sentencepiece.SentencePieceProcessor(model_file=str(sp_model / "tokenizer.model"))
+    # The model defines only the structural symbols; the thinking/refinement ones are absent, not unk.
+    assert sp.added_tokens() == {name: proc.piece_to_id(name) for name in SPECIAL_TOKENS.values()}
