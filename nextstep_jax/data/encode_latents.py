@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nextstep_jax.data import images as image_ops
-from nextstep_jax.data.buckets import PIXELS_PER_TOKEN, bucket_grids, nearest_grid
+from nextstep_jax.data.buckets import bucket_grids
 from nextstep_jax.data.records import LATENT_DTYPES, RecordWriter
 from nextstep_jax.data.samples import BadSample, EncodedImage, LatentImage, PixelImage, Sample, Skipped
 from nextstep_jax.data.sources import RecordSource
@@ -110,12 +110,6 @@ class _BucketBatcher:
         self.images_encoded += len(items)
 
 
-def _pixels(image, grids, max_pixels: int) -> np.ndarray:
-    rgb = image_ops.decode_rgb(image.data, max_pixels) if isinstance(image, EncodedImage) else image.pixels
-    h, w = nearest_grid(rgb.shape[0], rgb.shape[1], grids)
-    return image_ops.normalize(image_ops.resize_center_crop(rgb, h * PIXELS_PER_TOKEN, w * PIXELS_PER_TOKEN))
-
-
 def encode_records(records_dir: str | Path, out_dir: str | Path, run: Callable[[np.ndarray], np.ndarray],
                    batch_size: int, *, image_size: int, multi_aspect: bool, latent_dtype: str = "float32",
                    max_pixels: int = image_ops.DEFAULT_MAX_PIXELS, records_per_shard: int = 1000,
@@ -137,7 +131,7 @@ def encode_records(records_dir: str | Path, out_dir: str | Path, run: Callable[[
                 continue
             to_encode = [s for s in sample.segments if isinstance(s, (EncodedImage, PixelImage))]
             try:
-                pixels = [_pixels(image, grids, max_pixels) for image in to_encode]
+                pixels = [image_ops.bucketed_pixels(image, grids, max_pixels)[0] for image in to_encode]
             except BadSample as e:
                 skipped[e.reason] += 1
                 continue

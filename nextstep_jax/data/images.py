@@ -13,7 +13,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from nextstep_jax.data.samples import BadSample
+from nextstep_jax.data.buckets import PIXELS_PER_TOKEN, nearest_grid
+from nextstep_jax.data.samples import BadSample, EncodedImage, PixelImage
 
 DEFAULT_MAX_PIXELS = 8192 * 8192
 DECODABLE_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
@@ -81,3 +82,14 @@ def normalize(pixels: np.ndarray) -> np.ndarray:
     """uint8 [0, 255] -> float32 [-1, 1] ((x/255 - 0.5) / 0.5)."""
     return pixels.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
 
+
+def bucketed_pixels(image, grids, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
+    """An encoded or decoded image -> (float32 [-1, 1] pixels cropped to its nearest bucket, token grid)."""
+    if isinstance(image, EncodedImage):
+        rgb = decode_rgb(image.data, max_pixels)
+    elif isinstance(image, PixelImage):
+        rgb = image.pixels
+    else:
+        raise TypeError(f"unknown image type {type(image).__name__}")
+    grid = nearest_grid(rgb.shape[0], rgb.shape[1], grids)
+    return normalize(resize_center_crop(rgb, grid[0] * PIXELS_PER_TOKEN, grid[1] * PIXELS_PER_TOKEN)), grid

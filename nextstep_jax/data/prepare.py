@@ -22,9 +22,7 @@ import grain
 import numpy as np
 
 from nextstep_jax.data import images as image_ops
-from nextstep_jax.data.buckets import PIXELS_PER_TOKEN, nearest_grid
-from nextstep_jax.data.samples import (BadSample, EncodedImage, LatentImage, PixelImage, Sample, Skipped,
-                                       check_structure)
+from nextstep_jax.data.samples import BadSample, LatentImage, Sample, Skipped, check_structure
 from nextstep_jax.data.sequence import ImagePart, TokenLayout, layout_document
 from nextstep_jax.models.latents import patchify
 
@@ -132,12 +130,4 @@ class PrepareDocument(grain.transforms.RandomMap):
             return tokens, (h // p, w // p)
         if isinstance(image, LatentImage):
             raise ValueError("pipeline expects pixels but a sample has latents; use image_input='latents'")
-        if isinstance(image, EncodedImage):
-            pixels = image_ops.decode_rgb(image.data, opts.max_pixels)
-        elif isinstance(image, PixelImage):
-            pixels = image.pixels
-        else:
-            raise TypeError(f"unknown image type {type(image).__name__}")
-        grid = nearest_grid(pixels.shape[0], pixels.shape[1], opts.grids)
-        pixels = image_ops.resize_center_crop(pixels, grid[0] * PIXELS_PER_TOKEN, grid[1] * PIXELS_PER_TOKEN)
-        return image_ops.normalize(pixels), grid
+        return image_ops.bucketed_pixels(image, opts.grids, opts.max_pixels)
