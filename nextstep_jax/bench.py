@@ -29,12 +29,14 @@ DEFAULT_CONFIG = {
                  "vae_ch_mult": [1, 2, 4, 4], "vae_res_blocks": 2},
 }
 AVAILABLE = ("fm_sample", "backbone", "generate")
-# The official PyTorch code on this kind of machine (2 CPU cores, float32, default sizes), as quoted in issue 4
-# and PITFALLS.md; not measured here (no torch in this environment). (result key, reference, reference unit).
+# The official PyTorch code (stepfun-ai/NextStep-1 @ 6e49bae) on this kind of machine, 2 threads, float32, default
+# sizes: (result key, [low, high], unit, source). "measured" = its own FlowMatchingHead.sample and NextStep.forward
+# with a StaticCache under torch 2.13.0 CPU, eager and torch.compile'd, 2026-11-29 (README "Benchmarks").
 OFFICIAL_PYTORCH = {
-    "fm_sample": ("median_s", [4.4, 4.9], "s"),
-    "backbone": ("decode_per_token_ms", [21.0], "ms per token"),
-    "generate": ("per_token_ms", [3100.0], "ms per image token (50 s per 64x64 image)"),
+    "fm_sample": ("median_s", [4.08, 4.71], "s", "measured"),
+    "backbone": ("decode_per_token_ms", [24.6, 28.0], "ms per token", "measured"),
+    "generate": ("per_token_ms", [3100.0], "ms per image token (50 s per 64x64 image)",
+                 "quoted in issue 4, not measured"),
 }
 # Config sections a workload's figure depends on; the official figure only applies when all are default.
 DEPENDS_ON = {"fm_sample": ("fm_sample",), "backbone": ("backbone",), "generate": ("generate", "backbone")}
@@ -83,13 +85,13 @@ def limit_threads(threads: int) -> dict:
 
 
 def add_official_comparison(report: dict) -> None:
-    """Speed-up over the quoted official figures, for workloads run with the default config."""
+    """Speed-up over the official figures, for workloads run with the default config."""
     config = report["config"]
     common = all(config[k] == DEFAULT_CONFIG[k] for k in ("threads", "dtype"))
     for name, result in report["results"].items():
         if common and all(config[k] == DEFAULT_CONFIG[k] for k in DEPENDS_ON[name]):
-            key, reference, unit = OFFICIAL_PYTORCH[name]
-            result["official_pytorch"] = {key: reference, "unit": unit, "source": "quoted in issue 4, not measured"}
+            key, reference, unit, source = OFFICIAL_PYTORCH[name]
+            result["official_pytorch"] = {key: reference, "unit": unit, "source": source}
             result["speedup_vs_official"] = [r / result[key] for r in reference]
 
 

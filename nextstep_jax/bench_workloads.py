@@ -22,11 +22,14 @@ from nextstep_jax.configs import model_config, vae_config
 from nextstep_jax.generation import Generator, SamplerSettings
 from nextstep_jax.models.backbone import init_cache
 from nextstep_jax.models.fm_head import SimpleMLPAdaLN, head_module, sample_head
+from nextstep_jax.models.fused_layout import fuse_projections
 from nextstep_jax.models.nextstep import NextStep, init_variables
 from nextstep_jax.models.vae import AutoencoderKL, downsample_factor
 from nextstep_jax.prompts import PromptTokenizer, build_prompt_rows
 
 IMAGE_MODULES = ("image_head", "image_in_projector", "image_out_projector")
+# What sample.py runs: layers unrolled, q/k/v and gate/up fused.
+GENERATION_LAYOUT = "unrolled_fused"
 
 
 def _timed(fn, warmup: int, repeats: int) -> tuple[float, float]:
@@ -157,9 +160,11 @@ def backbone(config: dict, machine: dict) -> dict:
     key = jax.random.key(config["seed"])
     ids = jax.random.randint(key, (b["batch"], b["prefill"]), 0, b["vocab"])
     out = {}
-    for layout, scan in (("unrolled", False), ("scan", True)):
+    for layout, scan, fused in (("unrolled", False, False), ("scan", True, False), (GENERATION_LAYOUT, False, True)):
         cfg = _backbone_cfg(b, dtype, scan)
         params = _model_params(cfg, key)
+        if fused:
+            cfg, params = fuse_projections(cfg, params)
         backbone_params = {k: v for k, v in params.items() if k not in IMAGE_MODULES}
         prefill, decode = _decode_programs(cfg, b)
         token, cache = prefill(params, ids)
@@ -169,7 +174,7 @@ def backbone(config: dict, machine: dict) -> dict:
     param_bytes = _bytes(backbone_params)
     streamed = param_bytes - _bytes(backbone_params["embed_tokens"])
     bandwidth = machine["mem_bandwidth_gbs"] * 1e9
-    used = out["unrolled"]
+    used = out[GENERATION_LAYOUT]
     return {"prefill_median_ms": used["prefill_median_ms"], "decode_per_token_ms": used["decode_per_token_ms"],
             "weight_stream_bound_ms": param_bytes / bandwidth * 1e3,
             "decode_vs_bound": used["decode_per_token_ms"] / (param_bytes / bandwidth * 1e3),
@@ -177,7 +182,7 @@ def backbone(config: dict, machine: dict) -> dict:
             # Decode reads one embedding row, not the table: the tighter bound.
             "streamed_bytes": streamed, "streamed_bound_ms": streamed / bandwidth * 1e3,
             "decode_vs_streamed_bound": used["decode_per_token_ms"] / (streamed / bandwidth * 1e3),
-            "layouts": out, "layout_used_by_generation": "unrolled"}
+            "layouts": out, "layout_used_by_generation": GENERATION_LAYOUT}
 
 
 def _byte_tokenizer(folder: Path) -> Path:
@@ -204,7 +209,7 @@ def generate(config: dict, machine: dict) -> dict:
     cfg = _backbone_cfg(b, dtype, False, fm_head_dim=g["fm_dim"], fm_head_layers=g["fm_layers"], boi=sp.boi,
                         eoi=sp.eoi, image_placeholder_id=sp.placeholder, pad_token_id=sp.pad,
                         bos_token_id=sp.eos, eos_token_id=sp.eos)
-    params = _model_params(cfg, key)
+    cfg, params = fuse_projections(cfg, _model_params(cfg, key))
     vcfg = vae_config(ch=g["vae_ch"], ch_mult=tuple(g["vae_ch_mult"]), num_res_blocks=g["vae_res_blocks"],
                       z_channels=cfg.latent_channels, dtype=dtype)
     vae_params = randomize(nn.unbox(AutoencoderKL(vcfg).init(key, jnp.zeros((1, 32, 32, 3))))["params"], key)

@@ -54,6 +54,12 @@ def model_config(**overrides: Any) -> ml_collections.ConfigDict:
             scan_layers=True,
             remat_policy="none",  # none | full | dots | dots_with_no_batch_dims
             attention_impl="auto",  # auto | xla | cudnn | jax (jax.nn.dot_product_attention's own choice)
+            # Fused projections (MaxText's fused_qkv / fused_mlp): q, k, v as one [embed, kv_heads, G+2, D]
+            # kernel grouped by kv head, gate and up as one [embed, 2, mlp] kernel. One weight read per
+            # layer instead of three / two, which is what bandwidth-bound decoding wants. Checkpoints and
+            # the release use the separate layout; models.fused_layout converts between the two.
+            fused_qkv=False,
+            fused_mlp=False,
             # The first official training forward fed the raw hidden state to the FM head, skipping
             # image_out_projector; the later trainer and all inference apply it (REFERENCE §14 #1). True is
             # the consistent choice; False reproduces the first release's training loss bit for bit.

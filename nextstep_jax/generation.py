@@ -111,9 +111,10 @@ class GenerationResult:
 class Generator:
     """A NextStep model + VAE with their params, and the compiled generation function.
 
-    For decode speed load the model with unrolled layers (``scan_layers=False``): under ``lax.scan`` every
-    decode step slices each layer's weights out of the stacked arrays (a 100M model decoded at 16.2 ms per
-    token scanned vs 11.4 ms unrolled on 2 CPU cores; ``python -m nextstep_jax.bench --only backbone``).
+    For decode speed give it the layout ``sample.py`` loads: unrolled layers (``scan_layers=False``; under
+    ``lax.scan`` every decode step slices each layer's weights out of the stacked arrays) with fused
+    projections (``models.fused_layout.fuse_projections``). ``python -m nextstep_jax.bench --only backbone``
+    measures each layout.
     ``traces`` counts compilations of the generation program.
     """
 

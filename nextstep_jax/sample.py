@@ -29,6 +29,7 @@ from nextstep_jax.configs import model_config_from_release, vae_config_from_rele
 from nextstep_jax.generation import CFG_SCHEDULES, Generator, SamplerSettings
 from nextstep_jax.image_files import ImageFileError, grid, load_rgb, write_json, write_png
 from nextstep_jax.models.fm_head import GRIDS, METHODS
+from nextstep_jax.models.fused_layout import fuse_projections
 from nextstep_jax.models.vae import downsample_factor
 from nextstep_jax.prompts import IMAGE_TAG, PromptError, PromptTokenizer, build_prompt_rows
 from nextstep_jax.text_decoding import TextSettings
@@ -179,8 +180,8 @@ class Source:
         return cls(path, kind, False, cfg)
 
     def load(self, dtype: str):
-        """(config, params) in ``dtype``; NextStep layers unrolled (decode runs layer by layer, and slicing
-        stacked weights every step measured slower)."""
+        """(config, params) in ``dtype``. NextStep in its decode layout: layers unrolled (slicing stacked
+        weights every step measured slower) and q/k/v, gate/up fused (one weight read each per layer)."""
         param_dtype = jnp.dtype(dtype)
         if self.converted:
             cfg, params = restore_params(self.path, scan_layers=False if self.kind == "nextstep" else None,
@@ -190,6 +191,8 @@ class Source:
         else:
             cfg, params = load_vae(self.path, param_dtype=param_dtype)
         cfg.dtype = dtype
+        if self.kind == "nextstep":
+            cfg, params = fuse_projections(cfg, params, donate=True)
         return cfg, params
 
 

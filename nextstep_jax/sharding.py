@@ -35,6 +35,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
+    ("qkv", None),  # fused q/k/v: the G query heads, k and v of one kv head
+    ("gate_up", None),  # fused gate/up
     ("layers", None),
     ("projector", "tensor"),
     ("norm", None),

@@ -39,15 +39,18 @@ def load_case(golden_dir):
 
 @pytest.fixture(scope="session")
 def golden_model(golden_dir):
-    """golden_model(scan_layers=True, dtype="float32", **overrides) -> (cfg, variables) of golden/model."""
+    """golden_model(scan_layers=True, dtype="float32", fused=False, **overrides) -> (cfg, variables) of
+    golden/model; ``fused``: q/k/v and gate/up in the fused layout."""
     from nextstep_jax.checkpoint.load import load_nextstep
+    from nextstep_jax.models.fused_layout import fuse_projections
 
-    loaded: dict[bool, tuple] = {}
+    loaded: dict[tuple[bool, bool], tuple] = {}
 
-    def get(scan_layers: bool = True, dtype: str = "float32", **overrides):
-        if scan_layers not in loaded:
-            loaded[scan_layers] = load_nextstep(golden_dir / "model", scan_layers=scan_layers)
-        cfg, params = loaded[scan_layers]
+    def get(scan_layers: bool = True, dtype: str = "float32", fused: bool = False, **overrides):
+        if (scan_layers, fused) not in loaded:
+            cfg, params = load_nextstep(golden_dir / "model", scan_layers=scan_layers)
+            loaded[scan_layers, fused] = fuse_projections(cfg, params) if fused else (cfg, params)
+        cfg, params = loaded[scan_layers, fused]
         cfg = cfg.copy_and_resolve_references()
         cfg.dtype = dtype
         cfg.update(overrides)

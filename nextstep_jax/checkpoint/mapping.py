@@ -179,6 +179,9 @@ def fm_head_table(cfg, torch_prefix: str = "image_head.net", flax_prefix: tuple[
 
 def nextstep_table(cfg) -> list[Entry]:
     """Every tensor of a NextStep release, in the official state_dict order."""
+    if cfg.get("fused_qkv") or cfg.get("fused_mlp"):
+        raise ValueError("the release layout has separate q/k/v and gate/up projections: convert fused params "
+                         "with models.fused_layout.unfuse_projections before mapping them to PyTorch keys")
     e, v = cfg.hidden_size, cfg.vocab_size
     tok = cfg.latent_channels * cfg.latent_patch_size ** 2
     out = [Entry("embed_tokens.weight", ("embed_tokens", "embedding"), "copy", (v, e), (v, e))]

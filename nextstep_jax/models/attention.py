@@ -1,5 +1,8 @@
 """One attention entry point: masks, the XLA kernel (and cuDNN via jax.nn on GPU), KV-cache update.
 
+Keys and values are heads-major, [B, KV, S, D] (the cache too): the attention dots then read the cache in
+place, with (B, KV) as batch dimensions, instead of transposing every layer's cache at every decode step.
+
 Masks are boolean [B, 1, T, S] built once per forward and shared by every layer. Masked scores get the
 finite float32 minimum (not -inf), so a fully masked query row (a left pad) yields a uniform, finite
 softmax instead of NaN, as in the reference (golden README "Conventions").
@@ -33,30 +36,49 @@ def attention_mask(q_slots: jnp.ndarray, kv_valid: jnp.ndarray, q_segments: jnp.
 
 def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray,
                           impl: str = "xla") -> jnp.ndarray:
-    """q [B, T, H, D], k/v [B, S, KV, D] (GQA: kv head j serves query heads j*G .. j*G+G-1),
+    """q [B, T, H, D], k/v [B, KV, S, D] (GQA: kv head j serves query heads j*G .. j*G+G-1),
     mask [B, 1, T, S] bool -> [B, T, H, D]. Scores and softmax in float32."""
     b, t, h, d = q.shape
-    kv = k.shape[2]
+    kv = k.shape[1]
     if impl == "auto":
         # On GPU let jax.nn pick cuDNN flash attention when it supports the shapes/dtypes (else its XLA path);
         # elsewhere our XLA path, which keeps float32 scores and the reference's finite mask value.
         impl = "jax" if jax.default_backend() == "gpu" else "xla"
     if impl in ("cudnn", "jax"):
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn" if impl == "cudnn" else None)
     if impl != "xla":
         raise ValueError(f"unknown attention_impl {impl!r}; use 'auto', 'xla', 'cudnn' or 'jax'")
+    if t == 1:
+        return _single_query_attention(q, k, v, mask)
     qg = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / jnp.sqrt(
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) / jnp.sqrt(
         jnp.float32(d))
     scores = jnp.where(mask[:, :, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(b, t, h, d)
 
 
 def update_cache(cache_k: jnp.ndarray, cache_v: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
                  index: jnp.ndarray):
-    """Write k/v [B, T, KV, D] into the static cache [B, S, KV, D] at slot ``index``."""
-    start = (0, index, 0, 0)
+    """Write k/v [B, KV, T, D] into the static cache [B, KV, S, D] at slot ``index``."""
+    start = (0, 0, index, 0)
     return (jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start),
             jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start))
+
+
+def _single_query_attention(q, k, v, mask):
+    """The T = 1 case (a decode step) as multiply-reduce fusions that read the cache once. On CPU the dot
+    form relayouts the cache slice, the scores and the probabilities into several small copies per layer,
+    which cost more than the arithmetic."""
+    b, _, h, d = q.shape
+    kv = k.shape[1]
+    f32 = jnp.float32
+    qg = q.reshape(b, kv, h // kv, 1, d).astype(f32)
+    scores = jnp.sum(qg * k[:, :, None].astype(f32), axis=-1) / jnp.sqrt(f32(d))  # [B, KV, G, S]
+    scores = jnp.where(mask[:, :, 0][:, :, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).astype(f32)
+    out = jnp.sum(probs[..., None] * v[:, :, None].astype(f32), axis=-2)  # [B, KV, G, D]
+    return out.astype(v.dtype).reshape(b, 1, h, d)
+

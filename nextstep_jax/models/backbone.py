@@ -2,7 +2,7 @@
 optional ``nn.remat``, and a static KV cache for decoding (REFERENCE §3).
 
 The cache is an explicit pytree, not a Flax collection, holding post-RoPE keys: with scanned layers
-``{"k", "v"}`` of shape [layers, B, S, KV, D]; unrolled, a list of per-layer ``{"k", "v"}`` [B, S, KV, D]
+``{"k", "v"}`` of shape [layers, B, KV, S, D]; unrolled, a list of per-layer ``{"k", "v"}`` [B, KV, S, D]
 (no per-step restacking). The caller owns slot bookkeeping (write index, key validity) and passes the mask.
 """
 
@@ -24,7 +24,7 @@ REMAT_POLICIES = {
 
 _ACT = ("activation_batch", "activation_length", "activation_embed")
 _ACT_HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
-_ACT_KV = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+_ACT_KV = ("activation_batch", "activation_kv_heads", "activation_length", "activation_head_dim")
 
 
 class Attention(nn.Module):
@@ -35,17 +35,25 @@ class Attention(nn.Module):
         cfg = self.cfg
         dtype = as_dtype(cfg.dtype)
 
-        def proj(heads, names, bias, name):
-            return nn.DenseGeneral((heads, cfg.head_dim), use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
-                                   kernel_init=partitioned(normal_init(), names),
+        def proj(heads, names, name):
+            return nn.DenseGeneral((*heads, cfg.head_dim), use_bias=cfg.attention_bias, dtype=dtype,
+                                   param_dtype=jnp.float32, kernel_init=partitioned(normal_init(), names),
                                    bias_init=partitioned(nn.initializers.zeros, names[1:]), name=name)
 
-        q = proj(cfg.num_heads, ("embed", "heads", "head_dim"), cfg.attention_bias, "q_proj")(x)
-        k = proj(cfg.num_kv_heads, ("embed", "kv_heads", "head_dim"), cfg.attention_bias, "k_proj")(x)
-        v = proj(cfg.num_kv_heads, ("embed", "kv_heads", "head_dim"), cfg.attention_bias, "v_proj")(x)
+        if cfg.fused_qkv:
+            # Grouped by kv head, [G query heads, k, v], so sharding kv_heads keeps each group on one shard.
+            groups = cfg.num_heads // cfg.num_kv_heads
+            qkv = proj((cfg.num_kv_heads, groups + 2), ("embed", "kv_heads", "qkv", "head_dim"), "qkv_proj")(x)
+            q = qkv[:, :, :, :groups].reshape(*x.shape[:2], cfg.num_heads, cfg.head_dim)
+            k, v = qkv[:, :, :, groups], qkv[:, :, :, groups + 1]
+        else:
+            q = proj((cfg.num_heads,), ("embed", "heads", "head_dim"), "q_proj")(x)
+            k = proj((cfg.num_kv_heads,), ("embed", "kv_heads", "head_dim"), "k_proj")(x)
+            v = proj((cfg.num_kv_heads,), ("embed", "kv_heads", "head_dim"), "v_proj")(x)
         q = nn.with_logical_constraint(apply_rope(q, cos, sin), _ACT_HEADS)
-        k = nn.with_logical_constraint(apply_rope(k, cos, sin), _ACT_KV)
-        v = nn.with_logical_constraint(v, _ACT_KV)
+        # Heads-major keys/values, the layout of the cache and of attention's inputs.
+        k = nn.with_logical_constraint(apply_rope(k, cos, sin).transpose(0, 2, 1, 3), _ACT_KV)
+        v = nn.with_logical_constraint(v.transpose(0, 2, 1, 3), _ACT_KV)
         new_cache = None
         if layer_cache is not None:
             k, v = update_cache(layer_cache["k"], layer_cache["v"], k, v, cache_index)
@@ -69,7 +77,8 @@ class DecoderLayer(nn.Module):
         h, new_cache = Attention(cfg, name="self_attn")(
             RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x), cos, sin, mask, layer_cache, cache_index)
         x = x + h
-        h = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, dtype=as_dtype(cfg.dtype), name="mlp")(
+        h = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, dtype=as_dtype(cfg.dtype),
+                fused=cfg.fused_mlp, name="mlp")(
             RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")(x))
         return nn.with_logical_constraint(x + h, _ACT), new_cache
 
@@ -115,7 +124,7 @@ class Backbone(nn.Module):
 
 def init_cache(cfg, batch: int, max_len: int):
     """Zeroed static KV cache in the compute dtype, in the layout ``Backbone`` expects for ``cfg``."""
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     dtype = as_dtype(cfg.dtype)
     if cfg.scan_layers:
         shape = (cfg.num_layers, *shape)

@@ -55,23 +55,28 @@ def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarra
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); ``fused``: gate and up as one [embed, 2, mlp] kernel."""
 
     hidden_size: int
     intermediate_size: int
     use_bias: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         def dense(features, names, name):
-            return nn.Dense(features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                            kernel_init=partitioned(normal_init(), names),
-                            bias_init=partitioned(nn.initializers.zeros, names[1:]), name=name)
+            return nn.DenseGeneral(features, use_bias=self.use_bias, dtype=self.dtype,
+                                   param_dtype=self.param_dtype, kernel_init=partitioned(normal_init(), names),
+                                   bias_init=partitioned(nn.initializers.zeros, names[1:]), name=name)
 
-        gate = dense(self.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
-        up = dense(self.intermediate_size, ("embed", "mlp"), "up_proj")(x)
+        if self.fused:
+            gate_up = dense((2, self.intermediate_size), ("embed", "gate_up", "mlp"), "gate_up_proj")(x)
+            gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
+        else:
+            gate = dense(self.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
+            up = dense(self.intermediate_size, ("embed", "mlp"), "up_proj")(x)
         h = nn.with_logical_constraint(nn.silu(gate) * up, ("activation_batch", "activation_length",
                                                             "activation_mlp"))
         return dense(self.hidden_size, ("mlp", "embed"), "down_proj")(h)

@@ -60,7 +60,8 @@ def test_gqa_attention_matches_float64_and_padded_rows_stay_finite():
     v = rng.standard_normal((2, 5, 2, 8)).astype(np.float32)
     valid = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], bool)
     mask = np.asarray(attention_mask(jnp.arange(5), jnp.asarray(valid)))
-    got = np.asarray(dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask)))
+    got = np.asarray(dot_product_attention(jnp.asarray(q), jnp.asarray(k.transpose(0, 2, 1, 3)),
+                                           jnp.asarray(v.transpose(0, 2, 1, 3)), jnp.asarray(mask)))
     assert np.all(np.isfinite(got))
     ref = _attention_ref(q, k, v, mask)
     rows = np.broadcast_to(valid[:, :, None, None], got.shape)
@@ -71,8 +72,8 @@ def test_jax_nn_path_matches_xla_path():
     """The jax.nn.dot_product_attention route (used on GPU) agrees with ours on valid rows."""
     rng = np.random.default_rng(1)
     q = jnp.asarray(rng.standard_normal((1, 4, 4, 8)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((1, 4, 2, 8)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((1, 4, 2, 8)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((1, 2, 4, 8)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((1, 2, 4, 8)), jnp.float32)
     mask = attention_mask(jnp.arange(4), jnp.ones((1, 4), bool))
     np.testing.assert_allclose(np.asarray(dot_product_attention(q, k, v, mask, impl="jax")),
                                np.asarray(dot_product_attention(q, k, v, mask, impl="xla")), rtol=1e-5, atol=1e-6)

@@ -41,14 +41,18 @@ def _latents(case: dict, prefix: str) -> list[np.ndarray]:
     return [case[k] for _, k in numbered]
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
+# (scan_layers, fused projections): the training layout, the release's unrolled one, the decode layout.
+LAYOUTS = [(True, False), (False, False), (False, True)]
+
+
+@pytest.mark.parametrize("scan_layers,fused", LAYOUTS)
 @pytest.mark.parametrize("dtype,tol", DTYPES)
-def test_backbone_forward(golden_model, load_case, scan_layers, dtype, tol):
+def test_backbone_forward(golden_model, load_case, scan_layers, fused, dtype, tol):
     case = load_case("b_backbone")
     prefixes = _prefixes(case, "_input_ids")
     assert prefixes, "b_backbone has no *_input_ids"
     for p in prefixes:
-        cfg, variables = golden_model(scan_layers, dtype)
+        cfg, variables = golden_model(scan_layers, dtype, fused)
         model = NextStep(cfg)
         ids = case[f"{p}_input_ids"]
         mask = case.get(f"{p}_attention_mask")
@@ -80,11 +84,11 @@ def _decode(model, variables, embeds, prompt_valid, prefill_len, cache_len):
     return np.asarray(prefill, np.float32), np.asarray(jnp.stack(steps, 1), np.float32), cache
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("scan_layers,fused", LAYOUTS)
 @pytest.mark.parametrize("dtype,tol", DTYPES)
-def test_kv_cache_decode(golden_model, load_case, scan_layers, dtype, tol):
+def test_kv_cache_decode(golden_model, load_case, scan_layers, fused, dtype, tol):
     case = load_case("c_kvcache")
-    cfg, variables = golden_model(scan_layers, dtype)
+    cfg, variables = golden_model(scan_layers, dtype, fused)
     model = NextStep(cfg)
 
     # Dynamic-cache case: cache exactly as long as the sequence, no padding.
@@ -96,10 +100,9 @@ def test_kv_cache_decode(golden_model, load_case, scan_layers, dtype, tol):
     assert_close_rel(steps, case["full_hidden"][:, p:], tol, "dynamic steps vs full")
     keys = cache["k"] if scan_layers else jnp.stack([c["k"] for c in cache])
     values = cache["v"] if scan_layers else jnp.stack([c["v"] for c in cache])
-    # ours [layers, B, S, KV, D]; reference [layers, B, KV, S, D]
-    assert_close_rel(np.asarray(keys, np.float32).transpose(0, 1, 3, 2, 4), case["dyn_cache_keys"], tol, "keys")
-    assert_close_rel(np.asarray(values, np.float32).transpose(0, 1, 3, 2, 4), case["dyn_cache_values"], tol,
-                     "values")
+    # Both [layers, B, KV, S, D].
+    assert_close_rel(np.asarray(keys, np.float32), case["dyn_cache_keys"], tol, "keys")
+    assert_close_rel(np.asarray(values, np.float32), case["dyn_cache_values"], tol, "values")
 
     # Static cache on a left-padded batch, longer than the sequence (unused slots at the end).
     embeds = jnp.asarray(case["static_inputs_embeds"])
