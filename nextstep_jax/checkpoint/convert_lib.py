@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nextstep_jax.checkpoint.errors import CheckpointError
-from nextstep_jax.checkpoint.load import canonical_key
+from nextstep_jax.checkpoint.validation import canonical_key
 from nextstep_jax.checkpoint.mapping import IGNORED_TORCH_KEYS
 from nextstep_jax.checkpoint.safetensors_io import (
     DTYPES,

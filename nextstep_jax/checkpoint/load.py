@@ -1,148 +1,36 @@
-"""Load official release folders into Flax params through the mapping table, strictly.
-
-Every key of the table must be present with its exact shape, and every key of the file must be known
-(``IGNORED_TORCH_KEYS`` aside); anything else is a ``CheckpointError`` naming the key and the file.
-Tensors are read one at a time.
-"""
+"""Official release folders as Flax params: ``sources.open_release`` validates the folder against its config
+(``validation``), then the mapping table builds the params one tensor at a time."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from pathlib import Path
 
 import ml_collections
 import numpy as np
 
-from nextstep_jax.checkpoint.errors import CheckpointError
-from nextstep_jax.checkpoint.mapping import IGNORED_TORCH_KEYS, Entry, nextstep_table, params_from_tensors, vae_table
-from nextstep_jax.checkpoint.safetensors_io import SafetensorsReader
-from nextstep_jax.checkpoint.torch_pickle import load_torch_state_dict
-from nextstep_jax.configs import model_config_from_release, vae_config_from_release
-
-# Official files may prefix every key with "model." (REFERENCE §9.1); accept either spelling.
-OPTIONAL_PREFIX = "model."
-
-VAE_WEIGHT_FILES = ("checkpoint.safetensors", "checkpoint.pt")
+from nextstep_jax.checkpoint.mapping import params_from_tensors
+from nextstep_jax.checkpoint.sources import Release, open_release
 
 
-def _list(keys, limit: int = 5) -> str:
-    keys = sorted(keys)
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(repr(k) for k in keys[:limit]) + more
-
-
-def canonical_key(key: str) -> str:
-    """The key without the optional ``model.`` prefix (the spelling the mapping table uses)."""
-    return key[len(OPTIONAL_PREFIX):] if key.startswith(OPTIONAL_PREFIX) else key
-
-
-def _key_resolver(file_keys: list[str]) -> dict[str, str]:
-    """Canonical key -> key as spelled in the file."""
-    resolved = {}
-    for key in file_keys:
-        canonical = canonical_key(key)
-        if canonical in resolved:
-            raise CheckpointError(f"tensor {canonical!r} appears both with and without the "
-                                  f"{OPTIONAL_PREFIX!r} prefix")
-        resolved[canonical] = key
-    return resolved
-
-
-def match_tensors(table: list[Entry], source: str, file_keys: list[str],
-                  shape_of: Callable[[str], tuple[int, ...]]) -> dict[str, str]:
-    """Check the key set and every shape against ``table``. Returns canonical key -> key as spelled in the
-    file, for the table's tensors and the ``IGNORED_TORCH_KEYS`` present."""
-    spelled = _key_resolver(file_keys)
-    expected = {e.torch_key: e for e in table}
-    missing = expected.keys() - spelled.keys()
-    if missing:
-        raise CheckpointError(f"{source}: missing tensors {_list(missing)}")
-    unexpected = spelled.keys() - expected.keys() - set(IGNORED_TORCH_KEYS)
-    if unexpected:
-        raise CheckpointError(f"{source}: unexpected tensors {_list(unexpected)} (not part of this "
-                              "architecture/config)")
-    for key, entry in expected.items():
-        shape = tuple(shape_of(spelled[key]))
-        if shape != entry.torch_shape:
-            raise CheckpointError(f"{source}: tensor {key!r} has shape {shape}, config expects "
-                                  f"{entry.torch_shape}")
-    return spelled
-
-
-def params_from_source(table: list[Entry], source: str, file_keys: list[str],
-                       shape_of: Callable[[str], tuple[int, ...]], read: Callable[[str], np.ndarray],
-                       param_dtype=np.float32) -> dict:
-    """Validate the key set and every shape against ``table``, then build Flax params."""
-    spelled = match_tensors(table, source, file_keys, shape_of)
-
+def _params(release: Release, param_dtype) -> dict:
     def get(key: str) -> np.ndarray:
-        array = read(spelled[key])
+        array = release.tensors.read(release.spelled[key])
         return array if param_dtype is None else array.astype(param_dtype, copy=False)
 
-    return params_from_tensors(table, get)
+    with release.tensors:
+        return params_from_tensors(release.table, get)
 
 
-def read_release_config(folder: str | Path, parse: Callable[[Path], ml_collections.ConfigDict]
-                        ) -> ml_collections.ConfigDict:
-    """``parse(folder/config.json)``, with every way the file can be wrong raised as a ``CheckpointError``."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{folder}: no config.json")
-    try:
-        return parse(path)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON: {e}") from e
-    except ValueError as e:  # unsupported architecture or schema, missing or invalid fields; names the file
-        raise CheckpointError(str(e)) from e
-
-
-def complete_config(cfg: ml_collections.ConfigDict, keys: list[str], *, scan_layers: bool
-                    ) -> ml_collections.ConfigDict:
-    """A copy of a release's model config with the layer layout and what only the tensor keys decide."""
-    cfg = ml_collections.ConfigDict(cfg.to_dict())
-    cfg.scan_layers = scan_layers
-    # REFERENCE §14 #14: whether o_proj has a bias is decided by the weights, not the config.
-    cfg.o_attention_bias = any(k.endswith("self_attn.o_proj.bias") for k in keys)
-    return cfg
-
-
-def load_nextstep(folder: str | Path, cfg: ml_collections.ConfigDict | None = None, *, scan_layers: bool = True,
-                  param_dtype=np.float32) -> tuple[ml_collections.ConfigDict, dict]:
+def load_nextstep(folder: str | Path, *, scan_layers: bool = True, param_dtype=np.float32
+                  ) -> tuple[ml_collections.ConfigDict, dict]:
     """(config, params) from a release folder: ``config.json`` + ``model.safetensors`` or sharded
     ``model-XXXXX-of-YYYYY.safetensors`` + ``model.safetensors.index.json``."""
-    folder = Path(folder)
-    if cfg is None:
-        cfg = read_release_config(folder, model_config_from_release)
-    with SafetensorsReader(folder) as reader:
-        keys = reader.keys()
-        cfg = complete_config(cfg, keys, scan_layers=scan_layers)
-        params = params_from_source(nextstep_table(cfg), str(folder), keys, lambda k: reader.info(k).shape,
-                                    reader.read, param_dtype)
-    return cfg, params
-
-
-def vae_weights_file(folder: str | Path) -> Path:
-    """The tokenizer release's weight file, ``checkpoint.safetensors`` preferred over ``checkpoint.pt``."""
-    folder = Path(folder)
-    weights = next((folder / n for n in VAE_WEIGHT_FILES if (folder / n).is_file()), None)
-    if weights is None:
-        raise CheckpointError(f"{folder}: no VAE weights (looked for {', '.join(VAE_WEIGHT_FILES)})")
-    return weights
+    release = open_release(folder, kind="nextstep", scan_layers=scan_layers)
+    return release.cfg, _params(release, param_dtype)
 
 
 def load_vae(folder: str | Path, *, param_dtype=np.float32) -> tuple[ml_collections.ConfigDict, dict]:
     """(vae config, params) from a tokenizer release folder: ``config.json`` + ``checkpoint.pt`` (read
     without torch, through a restricted unpickler) or ``checkpoint.safetensors``."""
-    cfg = read_release_config(folder, vae_config_from_release)
-    table = vae_table(cfg)
-    weights = vae_weights_file(folder)
-    if weights.suffix == ".safetensors":
-        with SafetensorsReader(weights) as reader:
-            params = params_from_source(table, str(weights), reader.keys(), lambda k: reader.info(k).shape,
-                                        reader.read, param_dtype)
-    else:
-        state = load_torch_state_dict(weights)
-        params = params_from_source(table, str(weights), list(state), lambda k: state[k].shape,
-                                    state.__getitem__, param_dtype)
-    return cfg, params
+    release = open_release(folder, kind="vae")
+    return release.cfg, _params(release, param_dtype)

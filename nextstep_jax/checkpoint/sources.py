@@ -20,16 +20,11 @@ import ml_collections
 import numpy as np
 
 from nextstep_jax.checkpoint.errors import CheckpointError
-from nextstep_jax.checkpoint.load import (
-    complete_config,
-    match_tensors,
-    read_release_config,
-    vae_weights_file,
-)
 from nextstep_jax.checkpoint.mapping import Entry, nextstep_table, vae_table
 from nextstep_jax.checkpoint.safetensors_io import DTYPES, INDEX_FILE_NAME, SINGLE_FILE_NAME, SafetensorsReader
 from nextstep_jax.checkpoint.store import StoredTensors, is_checkpoint
 from nextstep_jax.checkpoint.torch_pickle import load_torch_state_dict
+from nextstep_jax.checkpoint.validation import complete_config, match_tensors, read_release_config, vae_weights_file
 from nextstep_jax.configs import model_config_from_release, vae_config_from_release
 
 __all__ = ["Release", "SafetensorsTensors", "TorchTensors", "open_release", "open_tensors"]
@@ -124,12 +119,15 @@ def _is_model_release(folder: Path) -> bool:
     return (folder / SINGLE_FILE_NAME).is_file() or (folder / INDEX_FILE_NAME).is_file()
 
 
-def open_release(folder: str | Path, *, scan_layers: bool = True) -> Release:
-    """Open and validate a NextStep or VAE release folder; raises ``CheckpointError`` naming the culprit."""
+def open_release(folder: str | Path, *, kind: str | None = None, scan_layers: bool = True) -> Release:
+    """Open and validate a NextStep or VAE release folder (``kind`` None: told by its files); raises
+    ``CheckpointError`` naming the culprit."""
     folder = Path(folder)
+    if kind not in (None, "nextstep", "vae"):
+        raise ValueError(f"unknown release kind {kind!r}")
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder")
-    if _is_model_release(folder):
+    if kind == "nextstep" or (kind is None and _is_model_release(folder)):
         cfg = read_release_config(folder, model_config_from_release)
         tensors = SafetensorsTensors(folder, "nextstep", cfg.schema)
         cfg = complete_config(cfg, tensors.keys(), scan_layers=scan_layers)

@@ -33,7 +33,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from nextstep_jax.checkpoint.errors import CheckpointError
 from nextstep_jax.checkpoint.layout import transfer
-from nextstep_jax.checkpoint.load import canonical_key
+from nextstep_jax.checkpoint.validation import canonical_key
 from nextstep_jax.checkpoint.mapping import Entry, flax_view, nextstep_table, table_for
 from nextstep_jax.checkpoint.orbax_io import ItemReader, ItemWriter, blocks, chunk_shape, restore_item
 from nextstep_jax.checkpoint.safetensors_io import DTYPES
