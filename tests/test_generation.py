@@ -30,7 +30,7 @@ def _highest_precision():
 
 @pytest.fixture(scope="module")
 def generator(golden_dir, golden_model):
-    cfg, variables = golden_model(scan_layers=False)
+    cfg, variables = golden_model(scan_layers=False, fused=True)  # the layout sample.py loads
     vae_cfg, vae_params = load_vae(golden_dir / "vae")
     return Generator(cfg, variables["params"], vae_cfg, vae_params)
 
