@@ -25,17 +25,16 @@ def _with(cfg, **fields) -> ml_collections.ConfigDict:
     return out
 
 
-def _fuse_attention(attn: dict, kv_heads: int) -> dict:
+def _fuse_attention(attn: dict, kv_heads: int) -> None:
     q, k, v = attn.pop("q_proj"), attn.pop("k_proj"), attn.pop("v_proj")
     fused = {}
     for name in q:  # kernel [..., E, H, D] / bias [..., H, D]
         grouped = q[name].reshape(*q[name].shape[:-2], kv_heads, -1, q[name].shape[-1])
         fused[name] = jnp.concatenate([grouped, k[name][..., None, :], v[name][..., None, :]], axis=-2)
     attn["qkv_proj"] = fused
-    return attn
 
 
-def _unfuse_attention(attn: dict, num_heads: int) -> dict:
+def _unfuse_attention(attn: dict, num_heads: int) -> None:
     fused = attn.pop("qkv_proj")
     for name, value in fused.items():
         groups = value.shape[-2] - 2
@@ -43,20 +42,17 @@ def _unfuse_attention(attn: dict, num_heads: int) -> dict:
                                                                            value.shape[-1])
         attn.setdefault("k_proj", {})[name] = value[..., groups, :]
         attn.setdefault("v_proj", {})[name] = value[..., groups + 1, :]
-    return attn
 
 
-def _fuse_mlp(mlp: dict) -> dict:
+def _fuse_mlp(mlp: dict) -> None:
     gate, up = mlp.pop("gate_proj"), mlp.pop("up_proj")
     mlp["gate_up_proj"] = {name: jnp.stack([gate[name], up[name]], axis=-2) for name in gate}
-    return mlp
 
 
-def _unfuse_mlp(mlp: dict) -> dict:
+def _unfuse_mlp(mlp: dict) -> None:
     fused = mlp.pop("gate_up_proj")
     mlp["gate_proj"] = {name: value[..., 0, :] for name, value in fused.items()}
     mlp["up_proj"] = {name: value[..., 1, :] for name, value in fused.items()}
-    return mlp
 
 
 def _relayout(cfg_from, cfg_to, params, mesh, rules, donate: bool) -> dict:
@@ -87,17 +83,17 @@ def _relayout(cfg_from, cfg_to, params, mesh, rules, donate: bool) -> dict:
     return {**params, "backbone": backbone}
 
 
-def fuse_projections(cfg, params, *, qkv: bool = True, mlp: bool = True, mesh=None, rules=LOGICAL_AXIS_RULES,
-                     donate: bool = False) -> tuple[ml_collections.ConfigDict, Any]:
-    """(config, params) with q/k/v (``qkv``) and gate/up (``mlp``) fused; already fused parts stay as they
-    are. ``mesh``: place the converted layers in the fused model's logical shardings. ``donate``: free each
-    input layer once it is converted (the input tree is unusable afterwards)."""
-    to = _with(cfg, fused_qkv=cfg.fused_qkv or qkv, fused_mlp=cfg.fused_mlp or mlp)
+def fuse_projections(cfg, params, *, mesh=None, rules=LOGICAL_AXIS_RULES, donate: bool = False
+                     ) -> tuple[ml_collections.ConfigDict, Any]:
+    """(config, params) with q/k/v and gate/up fused; already fused parts stay as they are. ``mesh``: place
+    the converted layers in the fused model's logical shardings. ``donate``: free each input layer once it
+    is converted (the input tree is unusable afterwards)."""
+    to = _with(cfg, fused_qkv=True, fused_mlp=True)
     return to, _relayout(cfg, to, params, mesh, rules, donate)
 
 
-def unfuse_projections(cfg, params, *, mesh=None, rules=LOGICAL_AXIS_RULES,
-                       donate: bool = False) -> tuple[ml_collections.ConfigDict, Any]:
+def unfuse_projections(cfg, params, *, mesh=None, rules=LOGICAL_AXIS_RULES, donate: bool = False
+                       ) -> tuple[ml_collections.ConfigDict, Any]:
     """(config, params) in the separate (release) layout."""
     to = _with(cfg, fused_qkv=False, fused_mlp=False)
     return to, _relayout(cfg, to, params, mesh, rules, donate)
