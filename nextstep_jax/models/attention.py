@@ -1,7 +1,7 @@
 """One attention entry point: masks, the XLA kernel (and cuDNN via jax.nn on GPU), KV-cache update.
 
-Keys and values are heads-major, [B, KV, S, D] (the cache too): the attention dots then read the cache in
-place, with (B, KV) as batch dimensions, instead of transposing every layer's cache at every decode step.
+Keys and values are heads-major, [B, KV, S, D] (the cache too, as in the reference): the attention dots take
+(B, KV) as batch dimensions and read the cached keys in place rather than transposing them at every step.
 
 Masks are boolean [B, 1, T, S] built once per forward and shared by every layer. Masked scores get the
 finite float32 minimum (not -inf), so a fully masked query row (a left pad) yields a uniform, finite
@@ -49,8 +49,6 @@ def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: 
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn" if impl == "cudnn" else None)
     if impl != "xla":
         raise ValueError(f"unknown attention_impl {impl!r}; use 'auto', 'xla', 'cudnn' or 'jax'")
-    if t == 1:
-        return _single_query_attention(q, k, v, mask)
     qg = q.reshape(b, t, kv, h // kv, d)
     scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) / jnp.sqrt(
         jnp.float32(d))
@@ -66,19 +64,3 @@ def update_cache(cache_k: jnp.ndarray, cache_v: jnp.ndarray, k: jnp.ndarray, v: 
     start = (0, 0, index, 0)
     return (jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start),
             jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start))
-
-
-def _single_query_attention(q, k, v, mask):
-    """The T = 1 case (a decode step) as multiply-reduce fusions that read the cache once. On CPU the dot
-    form relayouts the cache slice, the scores and the probabilities into several small copies per layer,
-    which cost more than the arithmetic."""
-    b, _, h, d = q.shape
-    kv = k.shape[1]
-    f32 = jnp.float32
-    qg = q.reshape(b, kv, h // kv, 1, d).astype(f32)
-    scores = jnp.sum(qg * k[:, :, None].astype(f32), axis=-1) / jnp.sqrt(f32(d))  # [B, KV, G, S]
-    scores = jnp.where(mask[:, :, 0][:, :, None], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).astype(f32)
-    out = jnp.sum(probs[..., None] * v[:, :, None].astype(f32), axis=-2)  # [B, KV, G, D]
-    return out.astype(v.dtype).reshape(b, 1, h, d)
-
