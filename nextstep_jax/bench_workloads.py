@@ -159,12 +159,13 @@ def backbone(config: dict, machine: dict) -> dict:
     b, dtype = config["backbone"], config["dtype"]
     key = jax.random.key(config["seed"])
     ids = jax.random.randint(key, (b["batch"], b["prefill"]), 0, b["vocab"])
+    unrolled_cfg = _backbone_cfg(b, dtype, False)
+    unrolled = (unrolled_cfg, _model_params(unrolled_cfg, key))
+    scan_cfg = _backbone_cfg(b, dtype, True)
+    layouts = {"unrolled": unrolled, "scan": (scan_cfg, _model_params(scan_cfg, key)),
+               GENERATION_LAYOUT: fuse_projections(*unrolled)}
     out = {}
-    for layout, scan, fused in (("unrolled", False, False), ("scan", True, False), (GENERATION_LAYOUT, False, True)):
-        cfg = _backbone_cfg(b, dtype, scan)
-        params = _model_params(cfg, key)
-        if fused:
-            cfg, params = fuse_projections(cfg, params)
+    for layout, (cfg, params) in layouts.items():
         backbone_params = {k: v for k, v in params.items() if k not in IMAGE_MODULES}
         prefill, decode = _decode_programs(cfg, b)
         token, cache = prefill(params, ids)

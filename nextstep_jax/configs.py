@@ -18,6 +18,13 @@ SUPPORTED_MODEL_TYPES = ("nextstep",)
 SUPPORTED_ARCHITECTURES = ("NextStep", "LlamaForCausalLM", "NextStepForCausalLM", "Qwen2ForCausalLM")
 
 
+def replace(cfg: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
+    """A copy of ``cfg`` with ``fields`` set; the original is untouched."""
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    out.update(fields)
+    return out
+
+
 def model_config(**overrides: Any) -> ml_collections.ConfigDict:
     """Defaults = the released NextStep-1-Large hyper-parameters (REFERENCE §3.1)."""
     cfg = ml_collections.ConfigDict(

@@ -37,7 +37,7 @@ from nextstep_jax.checkpoint.validation import canonical_key
 from nextstep_jax.checkpoint.mapping import Entry, flax_view, nextstep_table, table_for
 from nextstep_jax.checkpoint.orbax_io import ItemReader, ItemWriter, blocks, chunk_shape, restore_item
 from nextstep_jax.checkpoint.safetensors_io import DTYPES
-from nextstep_jax.configs import model_config, vae_config
+from nextstep_jax.configs import model_config, replace, vae_config
 from nextstep_jax.models.nextstep import abstract_variables
 from nextstep_jax.models.vae import AutoencoderKL, downsample_factor
 from nextstep_jax.sharding import LOGICAL_AXIS_RULES, shardings_of
@@ -329,8 +329,7 @@ def restore_params(path: str | Path, mesh: Mesh | None = None, *, rules=LOGICAL_
               for p, (shape, sharding) in targets.items()}
     flat = traverse_util.flatten_dict(restore_item(item.directory, traverse_util.unflatten_dict(target)))
     if scan_layers is not None and scan_layers != cfg.scan_layers:
-        want = ml_collections.ConfigDict(cfg.to_dict())
-        want.scan_layers = scan_layers
+        want = replace(cfg, scan_layers=scan_layers)
         flat = _relayout(flat, cfg, want, _targets(manifest.kind, want, mesh, rules))
         cfg = want
     return cfg, traverse_util.unflatten_dict(flat)

@@ -14,6 +14,7 @@ import ml_collections
 
 from nextstep_jax.checkpoint.errors import CheckpointError
 from nextstep_jax.checkpoint.mapping import IGNORED_TORCH_KEYS, Entry
+from nextstep_jax.configs import replace
 
 # Official files may prefix every key with "model." (REFERENCE §9.1); accept either spelling.
 OPTIONAL_PREFIX = "model."
@@ -82,11 +83,9 @@ def read_release_config(folder: str | Path, parse: Callable[[Path], ml_collectio
 def complete_config(cfg: ml_collections.ConfigDict, keys: list[str], *, scan_layers: bool
                     ) -> ml_collections.ConfigDict:
     """A copy of a release's model config with the layer layout and what only the tensor keys decide."""
-    cfg = ml_collections.ConfigDict(cfg.to_dict())
-    cfg.scan_layers = scan_layers
     # REFERENCE §14 #14: whether o_proj has a bias is decided by the weights, not the config.
-    cfg.o_attention_bias = any(k.endswith("self_attn.o_proj.bias") for k in keys)
-    return cfg
+    return replace(cfg, scan_layers=scan_layers,
+                   o_attention_bias=any(k.endswith("self_attn.o_proj.bias") for k in keys))
 
 
 def vae_weights_file(folder: str | Path) -> Path:

@@ -41,7 +41,16 @@ class SpecialIds:
         return frozenset(dataclasses.astuple(self))
 
 
-class HFTokenizer:
+class _LazyNative:
+    """Pickles without its native object (``_native``), which each process rebuilds on first use."""
+
+    _native = None
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_native"}
+
+
+class HFTokenizer(_LazyNative):
     """A ``tokenizer.json`` (byte-level BPE as shipped with NextStep) via the ``tokenizers`` library."""
 
     def __init__(self, path: str | Path):
@@ -49,7 +58,6 @@ class HFTokenizer:
         if path.is_dir():
             path = path / "tokenizer.json"
         self._json = path.read_text()
-        self._native = None
         self.special = SpecialIds(**{k: self._special_id(v) for k, v in SPECIAL_TOKENS.items()})
 
     def _tok(self):
@@ -81,14 +89,8 @@ class HFTokenizer:
         """Every added (special) token string -> id; the official tokenizer matches these inside text."""
         return {t.content: i for i, t in self._tok().get_added_tokens_decoder().items()}
 
-    def __getstate__(self):
-        return {"_json": self._json, "special": self.special}
 
-    def __setstate__(self, state):
-        self.__dict__.update(state, _native=None)
-
-
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(_LazyNative):
     """A SentencePiece model whose vocabulary contains the NextStep special tokens as user symbols."""
 
     def __init__(self, path: str | Path):
@@ -96,7 +98,6 @@ class SentencePieceTokenizer:
         if path.is_dir():
             path = path / "tokenizer.model"
         self._proto = path.read_bytes()
-        self._native = None
         sp = self._sp()
         ids = {}
         for name, token in SPECIAL_TOKENS.items():
@@ -130,12 +131,6 @@ class SentencePieceTokenizer:
         sp = self._sp()
         names = (*SPECIAL_TOKENS.values(), *EXTRA_SPECIAL_TOKENS)
         return {n: sp.piece_to_id(n) for n in names if sp.piece_to_id(n) != sp.unk_id()}
-
-    def __getstate__(self):
-        return {"_proto": self._proto, "special": self.special}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state, _native=None)
 
 
 Tokenizer = HFTokenizer | SentencePieceTokenizer

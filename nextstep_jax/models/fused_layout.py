@@ -15,14 +15,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from nextstep_jax.configs import replace
 from nextstep_jax.models.nextstep import abstract_variables
 from nextstep_jax.sharding import LOGICAL_AXIS_RULES, shardings_of
-
-
-def _with(cfg, **fields) -> ml_collections.ConfigDict:
-    out = ml_collections.ConfigDict(cfg.to_dict())
-    out.update(fields)
-    return out
 
 
 def _fuse_attention(attn: dict, kv_heads: int) -> None:
@@ -88,12 +83,12 @@ def fuse_projections(cfg, params, *, mesh=None, rules=LOGICAL_AXIS_RULES, donate
     """(config, params) with q/k/v and gate/up fused; already fused parts stay as they are. ``mesh``: place
     the converted layers in the fused model's logical shardings. ``donate``: free each input layer once it
     is converted (the input tree is unusable afterwards)."""
-    to = _with(cfg, fused_qkv=True, fused_mlp=True)
+    to = replace(cfg, fused_qkv=True, fused_mlp=True)
     return to, _relayout(cfg, to, params, mesh, rules, donate)
 
 
 def unfuse_projections(cfg, params, *, mesh=None, rules=LOGICAL_AXIS_RULES, donate: bool = False
                        ) -> tuple[ml_collections.ConfigDict, Any]:
     """(config, params) in the separate (release) layout."""
-    to = _with(cfg, fused_qkv=False, fused_mlp=False)
+    to = replace(cfg, fused_qkv=False, fused_mlp=False)
     return to, _relayout(cfg, to, params, mesh, rules, donate)
