@@ -2,8 +2,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The optional TPU runtime lives in its own venv, so `make test` stays light (requirements-tpu.txt).
+TPU_VENV := .venv-tpu
+TPU_PY := $(TPU_VENV)/bin/python
+TPU_STAMP := $(TPU_VENV)/.installed
 
-.PHONY: test install clean
+.PHONY: test test-tpu install clean
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,5 +21,16 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
+$(TPU_STAMP): requirements.txt requirements-test.txt requirements-tpu.txt pyproject.toml
+	test -x $(TPU_PY) || $(PYTHON) -m venv $(TPU_VENV)
+	$(TPU_PY) -m pip install -q --upgrade pip
+	$(TPU_PY) -m pip install -q -r requirements-tpu.txt -r requirements-test.txt
+	$(TPU_PY) -m pip install -q --no-deps -e .
+	touch $(TPU_STAMP)
+
+# TPU programs compiled ahead of time on this host (no TPU needed): tests/tpu.
+test-tpu: $(TPU_STAMP)
+	NEXTSTEP_REQUIRE_TPU=1 $(TPU_PY) -m pytest -q tests/tpu
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(TPU_VENV) .pytest_cache

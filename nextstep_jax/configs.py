@@ -1,21 +1,24 @@
-"""Config schema shared by ``configs/*.py`` and by release ``config.json`` files.
+"""Config schema shared by ``configs/*.py``, and the one CLI config path.
 
-A model config is an ``ml_collections.ConfigDict`` with our own field names; ``model_config_from_release``
-reads both released schemas (NextStep-1 ``fm_head_*``/``latent_*`` and NextStep-1.1
-``genloss_*``/``num_channels``/``patch_size``) and remembers which one it came from so export can write the
-same schema back.
+Every CLI that runs a model takes ``--config FILE`` (a Python file whose ``get_config()`` returns a
+ConfigDict, as in big_vision) and ``--config.a.b=value`` overrides. Precedence, lowest first: built-in
+defaults < the config file < settings stored with the model < ``--config.*`` overrides < explicit flags.
+
+A model config is an ``ml_collections.ConfigDict`` with our own field names; a release's ``config.json``
+is read into one by ``checkpoint.release.config``.
 """
 
 from __future__ import annotations
 
-import json
+import argparse
+import ast
+import importlib.util
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import ml_collections
-
-SUPPORTED_MODEL_TYPES = ("nextstep",)
-SUPPORTED_ARCHITECTURES = ("NextStep", "LlamaForCausalLM", "NextStepForCausalLM", "Qwen2ForCausalLM")
 
 
 def replace(cfg: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
@@ -60,11 +63,14 @@ def model_config(**overrides: Any) -> ml_collections.ConfigDict:
             dtype="float32",  # compute dtype; params are always float32
             scan_layers=True,
             remat_policy="none",  # none | full | dots | dots_with_no_batch_dims
+            # The loss runs the LM head and FM head over sequence chunks of this many positions (a
+            # rematerialised scan), so full-vocabulary logits exist for one chunk at a time.
+            loss_chunk_size=1024,
             attention_impl="auto",  # auto | xla | cudnn | jax (jax.nn.dot_product_attention's own choice)
             # Fused projections (MaxText's fused_qkv / fused_mlp): q, k, v as one [embed, kv_heads, G+2, D]
             # kernel grouped by kv head, gate and up as one [embed, 2, mlp] kernel. One weight read per
             # layer instead of three / two, which is what bandwidth-bound decoding wants. Checkpoints and
-            # the release use the separate layout; models.fused_layout converts between the two.
+            # the release use the separate layout; models.layouts converts between the two.
             fused_qkv=False,
             fused_mlp=False,
             # The first official training forward fed the raw hidden state to the FM head, skipping
@@ -103,93 +109,240 @@ def vae_config(**overrides: Any) -> ml_collections.ConfigDict:
     return cfg
 
 
-def _first(d: dict, *names: str, default: Any = KeyError) -> Any:
-    for n in names:
-        if n in d and d[n] is not None:
-            return d[n]
-    if default is KeyError:
-        raise KeyError(names[0])
-    return default
-
-
-def model_config_from_release(release: dict | str | Path) -> ml_collections.ConfigDict:
-    """Build a model config from a release ``config.json`` (dict or path), either schema."""
-    source = "config"
-    if not isinstance(release, dict):
-        source = str(release)
-        release = json.loads(Path(release).read_text())
-    model_type = release.get("model_type")
-    archs = release.get("architectures") or []
-    if model_type not in SUPPORTED_MODEL_TYPES or (archs and not set(archs) & set(SUPPORTED_ARCHITECTURES)):
-        raise ValueError(
-            f"{source}: unsupported architecture model_type={model_type!r} architectures={archs!r}; "
-            f"expected model_type in {SUPPORTED_MODEL_TYPES}"
+def data_config(**overrides: Any) -> ml_collections.ConfigDict:
+    """The ``data`` section (``data.pipeline.DataConfig.from_config`` reads it). Facts of the model (patch size,
+    latent channels, VAE down factor) are not repeated here: they come from the ``model`` and ``vae`` sections."""
+    cfg = ml_collections.ConfigDict(
+        dict(
+            seq_len=8192,
+            batch_size=1,  # packed rows per step over ALL processes; each process packs batch_size / process_count
+            image_input="pixels",  # "pixels" (the VAE runs in the train step) or "latents" (cached by encode_latents)
+            image_size=256,
+            multi_aspect=False,  # aspect-ratio buckets; needs image_input="latents"
+            max_images_per_row=None,  # pixel batches: image slots per row (None: as many as fit)
+            caption_dropout=0.3,
+            edit_dropout=0.2,
+            document_masking=True,  # False = the official unmasked stream, for comparisons
+            max_pixels=None,  # skip images declaring more pixels (None: the decoder's default bomb limit)
+            seed=0,
+            num_epochs=None,  # None = repeat forever (training); 1 = one pass (evaluation)
+            num_workers=0,
+            worker_buffer_size=2,
+            read_threads=2,
+            read_buffer_size=16,
+            # A tokenizer folder or file, or "builtin:bytes"; None: the tokenizer that ships with the model.
+            tokenizer=None,
+            # Each a dict of data.pipeline.DatasetSpec fields, e.g. {"source": "shapes"} or {"source": DIR, "weight": 3}.
+            datasets=(),
         )
-    schema = "1.1" if any(k.startswith("genloss_") for k in release) else "1.0"
-    try:
-        hidden = int(release["hidden_size"])
-        heads = int(release["num_attention_heads"])
-        attention_bias = bool(release.get("attention_bias", True))
-        cfg = model_config(
-            vocab_size=int(release["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(release["intermediate_size"]),
-            num_layers=int(release["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(release.get("num_key_value_heads", heads)),
-            head_dim=int(release.get("head_dim") or hidden // heads),
-            rope_theta=float(release.get("rope_theta", 1_000_000.0)),
-            rms_norm_eps=float(release.get("rms_norm_eps", 1e-5)),
-            attention_bias=attention_bias,
-            # Official behaviour: a missing o_attention_bias follows attention_bias (REFERENCE §14 #14).
-            o_attention_bias=bool(release.get("o_attention_bias", attention_bias)),
-            mlp_bias=bool(release.get("mlp_bias", False)),
-            tie_word_embeddings=bool(release.get("tie_word_embeddings", False)),
-            latent_channels=int(_first(release, "latent_channels", "num_channels")),
-            latent_patch_size=int(_first(release, "latent_patch_size", "patch_size")),
-            fm_head_dim=int(_first(release, "fm_head_dim", "genloss_width")),
-            fm_head_layers=int(_first(release, "fm_head_layers", "genloss_depth")),
-            fm_head_mlp_ratio=float(_first(release, "fm_head_mlp_ratio", "genloss_mlp_ratio", default=1.0)),
-            fm_head_batch_mul=int(_first(release, "fm_head_batch_mul", "genloss_batch_mul")),
-            lm_loss_weight=float(release.get("lm_loss_weight", 0.01)),
-            im_loss_weight=float(_first(release, "im_loss_weight", "image_loss_weight", default=1.0)),
-            boi=int(release["boi"]),
-            eoi=int(release["eoi"]),
-            image_placeholder_id=int(release["image_placeholder_id"]),
-            pad_token_id=int(_first(release, "pad_token_id_added", "pad_token_id")),
-            bos_token_id=int(_first(release, "bos_token_id", default=-1)),
-            eos_token_id=int(_first(release, "eos_token_id", default=-1)),
-            schema=schema,
-        )
-    except KeyError as e:
-        raise ValueError(f"{source}: missing required field {e.args[0]!r} for schema {schema}") from None
-    if release.get("use_gen_pos_embed"):
-        raise ValueError(f"{source}: use_gen_pos_embed=true is not supported (disabled in every release)")
-    if cfg.num_heads % cfg.num_kv_heads:
-        raise ValueError(f"{source}: num_attention_heads {heads} not divisible by num_key_value_heads "
-                         f"{cfg.num_kv_heads}")
+    )
+    cfg.update(overrides)
     return cfg
 
 
-def vae_config_from_release(release: dict | str | Path) -> ml_collections.ConfigDict:
-    """VAE config from its release ``config.json``; every normalisation field is read, never assumed."""
-    source = "config"
-    if not isinstance(release, dict):
-        source = str(release)
-        release = json.loads(Path(release).read_text())
-    known = set(vae_config().keys()) - {"dtype"}
-    unknown = set(release) - known
-    if unknown:
-        raise ValueError(f"{source}: unknown VAE config fields {sorted(unknown)}")
-    missing = {"scaling_factor", "shift_factor"} - set(release)
-    if missing:
-        raise ValueError(f"{source}: VAE config lacks {sorted(missing)}; refusing to guess the latent "
-                         "normalisation (REFERENCE §14 #11)")
-    fields = dict(release)
-    if "ch_mult" in fields:
-        fields["ch_mult"] = tuple(int(m) for m in fields["ch_mult"])
-    if "psz" in fields and fields["psz"] is None:
-        fields["psz"] = 1  # no patch grouping: encoder_norm normalises each pixel's z channels
-    # Fields a config.json omits fall back to the released tokenizer's values, as REFERENCE §8.1 asks (the
-    # scaling/shift pair is required above: guessing it would silently use the wrong latent space).
-    return vae_config(**fields)
+# Model-config special-token fields and the tokenizer's SpecialIds field each is read from.
+TOKENIZER_ID_FIELDS = {"boi": "boi", "eoi": "eoi", "image_placeholder_id": "placeholder", "pad_token_id": "pad",
+                       "bos_token_id": "eos", "eos_token_id": "eos"}
+
+
+def with_tokenizer_ids(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of ``config`` whose model special-token ids come from the tokenizer ``data.tokenizer`` names.
+
+    Ids the model section leaves None are filled in; ids it sets must equal the tokenizer's (a model reads the
+    ids of the tokenizer it was trained with). Without ``data.tokenizer`` the config is returned unchanged.
+    """
+    name = config.get("data", {}).get("tokenizer")
+    if not name:
+        return config
+    from nextstep_jax.data.tokenizer import load_tokenizer  # lazily: reading configs needs no tokenizer libraries
+
+    try:
+        tokenizer = load_tokenizer(name)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.tokenizer={name}: {e}") from None
+    out = ml_collections.ConfigDict(config.to_dict())
+    for field, special in TOKENIZER_ID_FIELDS.items():
+        want, have = getattr(tokenizer.special, special), out.model.get(field)
+        if have is None:
+            out.model[field] = want
+        elif have != want:
+            raise ConfigError(f"model.{field}={have} but tokenizer {name} has id {want} "
+                              f"(set model.{field}=None to take the tokenizer's)")
+    if out.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={out.model.vocab_size} is smaller than tokenizer {name}'s "
+                          f"{tokenizer.vocab_size} tokens")
+    return out
+
+
+class ConfigError(ValueError):
+    """A bad config file, section or override; the message names the file or key."""
+
+
+PRECEDENCE_HELP = ("settings, lowest precedence first: built-in defaults < --config FILE < settings stored "
+                   "with the model < --config.a.b=value overrides < explicit flags")
+
+
+def sampling_config(**overrides: Any) -> ml_collections.ConfigDict:
+    """The ``sampling`` section: image generation settings (``generation.settings.SamplingSettings`` is its
+    validated form). Defaults are the official pipeline's; a model folder may carry its own in
+    ``sampling.json``."""
+    cfg = ml_collections.ConfigDict(
+        dict(
+            hw=(512, 512),  # output height, width (multiples of the VAE stride × patch size)
+            guidance_scale=7.5,  # text classifier-free guidance, the official `cfg` (1 = off)
+            image_guidance_scale=1.0,  # image guidance when editing, the official `cfg_img` (1 = off)
+            guidance_schedule="constant",  # constant | linear (NextStep-1 pipeline) | linear_increasing (later)
+            num_steps=50,  # flow-matching steps per image token
+            timesteps_shift=1.0,
+            method="sde",  # sde (as released) | ode (plain Euler)
+            time_grid=None,  # nextstep1 (released, ends at 1-δ) | nextstep1.1 (ends at 1); None: by model schema
+            last_step_size=0.04,  # δ of the nextstep1 grid's final Euler step
+            use_norm=None,  # layer-normalise sampled tokens; None: on for NextStep-1, off for 1.1
+            positive_prompt=None,  # appended to every caption after one space
+            negative_prompt=None,  # the unconditional rows' text (None: empty)
+            prepend_bos=False,  # BOS before every prompt (off for NextStep-1)
+            length_bucket=64,  # prompt lengths are padded to a multiple, so prompts share one compilation
+            text_tokens=0,  # decode up to this many text tokens (e.g. a thinking span) before the image
+            temperature=0.0,  # of that text (0 = greedy)
+            top_p=1.0,  # nucleus mass of that text
+        )
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def mesh_config(**overrides: Any) -> ml_collections.ConfigDict:
+    """Mesh axis sizes; one axis may be -1 (all remaining devices)."""
+    cfg = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, sequence=1))
+    cfg.update(overrides)
+    return cfg
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The built-in defaults every CLI starts from: the released model, tokenizer, data, sampling and mesh."""
+    return ml_collections.ConfigDict(dict(model=model_config(), vae=vae_config(), data=data_config(),
+                                          sampling=sampling_config(), mesh=mesh_config()))
+
+
+def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
+    """Run ``get_config()`` of a config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    spec = importlib.util.spec_from_file_location(f"nextstep_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        if not callable(getattr(module, "get_config", None)):
+            raise ConfigError(f"{path}: defines no get_config()")
+        config = module.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of a user's file is reported as that file's error
+        raise ConfigError(f"{path}: {type(e).__name__}: {e}") from e
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, not a ConfigDict")
+    return config
+
+
+def merge(base: ml_collections.ConfigDict, update: ml_collections.ConfigDict | dict) -> ml_collections.ConfigDict:
+    """A copy of ``base`` with ``update`` merged in, section by section (sections may be new)."""
+    out = ml_collections.ConfigDict(base.to_dict())
+    for key, value in update.items():
+        if isinstance(value, (dict, ml_collections.ConfigDict)) and isinstance(out.get(key), ml_collections.ConfigDict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+    return out
+
+
+def _parse_value(key: str, text: str, current: Any) -> Any:
+    if isinstance(current, str):
+        return text
+    if isinstance(current, bool):
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"--config.{key}={text}: expected true or false")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if current is None:  # an unset field: true/false as for booleans, anything else as text
+            return {"true": True, "false": False}.get(text.lower(), text)
+        raise ConfigError(f"--config.{key}={text}: not a {type(current).__name__} literal") from None
+    if current is None:
+        return value
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(current, (tuple, list)) and isinstance(value, (tuple, list)):
+        return type(current)(value)
+    if type(value) is not type(current):
+        raise ConfigError(f"--config.{key}={text}: expected {type(current).__name__}, got {type(value).__name__}")
+    return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with ``"a.b=value"`` overrides applied; each key must exist."""
+    out = ml_collections.ConfigDict(config.to_dict())
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--config.{item}: expected --config.a.b=value")
+        *parents, leaf = key.split(".")
+        node = out
+        for depth, name in enumerate(parents):
+            node = node.get(name) if isinstance(node, ml_collections.ConfigDict) else None
+            if not isinstance(node, ml_collections.ConfigDict):
+                raise ConfigError(f"--config.{key}: no section {'.'.join(parents[:depth + 1])!r}")
+        if leaf not in node:
+            raise ConfigError(f"--config.{key}: no such field (fields here: {', '.join(sorted(node.keys()))})")
+        if isinstance(node[leaf], ml_collections.ConfigDict):
+            raise ConfigError(f"--config.{key}: is a section; set one of its fields")
+        node[leaf] = _parse_value(key, text, node[leaf])
+    return out
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
+    """``--config FILE``; ``--config.a.b=value`` overrides are taken by ``parse_args``."""
+    parser.add_argument("--config", metavar="FILE", required=required,
+                        help="config file with get_config(); override any field with --config.a.b=value")
+    parser.epilog = "\n".join(filter(None, [parser.epilog, PRECEDENCE_HELP[0].upper() + PRECEDENCE_HELP[1:] + "."]))
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
+               ) -> tuple[argparse.Namespace, list[str]]:
+    """Parse ``argv``, splitting off ``--config.a.b=value`` (or ``--config.a.b value``) overrides."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            body = arg[len("--config."):]
+            if "=" not in body:
+                if i + 1 >= len(argv):
+                    parser.error(f"{arg}: expected {arg}=value")
+                body = f"{body}={argv[i + 1]}"
+                i += 1
+            overrides.append(body)
+        else:
+            rest.append(arg)
+        i += 1
+    return parser.parse_args(rest), overrides
+
+
+def resolve(args: argparse.Namespace, overrides: Sequence[str], *, default: ml_collections.ConfigDict | None = None,
+            stored: ml_collections.ConfigDict | dict | None = None) -> ml_collections.ConfigDict:
+    """defaults < ``args.config`` file < ``stored`` (settings kept with a model) < ``--config.*`` overrides.
+
+    Explicit flags come last; the caller applies them to the returned config. The model's special-token ids
+    are then read from ``data.tokenizer`` where one is named (``with_tokenizer_ids``).
+    """
+    config = default_config() if default is None else default
+    if getattr(args, "config", None):
+        config = merge(config, load_config_file(args.config))
+    if stored:
+        config = merge(config, stored)
+    return with_tokenizer_ids(apply_overrides(config, overrides))

@@ -16,7 +16,8 @@ import json
 import sys
 import textwrap
 
-from nextstep_jax.checkpoint import convert_lib
+from nextstep_jax.checkpoint import conversion
+from nextstep_jax.checkpoint.dtypes import CAST_TARGETS
 from nextstep_jax.checkpoint.errors import CheckpointError
 
 BAD_INPUT = 2
@@ -53,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
                               "--dtype bfloat16")
     p.add_argument("src", help="release folder")
     p.add_argument("dest", help="checkpoint folder to create")
-    p.add_argument("--dtype", choices=sorted(convert_lib.FLOAT_DTYPES), default=None,
+    p.add_argument("--dtype", choices=sorted(CAST_TARGETS), default=None,
                    help="store floating-point parameters in this dtype (default: as in the release)")
     p.add_argument("--no-scan-layers", dest="scan_layers", action="store_false",
                    help="keep one params leaf per decoder layer instead of stacking them into [layers, ...]")
@@ -64,15 +65,15 @@ def _parser() -> argparse.ArgumentParser:
                                    "config.json and other release files, every tensor in its release dtype. "
                                    "NextStep: the release's own safetensors files (or re-sharded with "
                                    "--max-shard-size, with model.safetensors.index.json). VAE: config.json + "
-                                   f"{convert_lib.VAE_EXPORT_FILE}."),
+                                   f"{conversion.VAE_EXPORT_FILE}."),
                        epilog="Example:\n  python -m nextstep_jax.convert export ckpt/nextstep-1.1 NextStep-1.1-out "
                               "--max-shard-size 5GB")
     p.add_argument("src", help="converted checkpoint folder")
     p.add_argument("dest", help="release folder to create")
-    p.add_argument("--max-shard-size", type=convert_lib.parse_size, default=None, metavar="SIZE",
+    p.add_argument("--max-shard-size", type=conversion.parse_size, default=None, metavar="SIZE",
                    help="re-shard into files of at most SIZE (5GB, 500MB, 2GiB, bytes); default: the "
                         "release's own files")
-    p.add_argument("--dtype", choices=sorted(convert_lib.FLOAT_DTYPES), default=None,
+    p.add_argument("--dtype", choices=sorted(CAST_TARGETS), default=None,
                    help="write floating-point parameters in this dtype (default: their release dtype)")
     _common(p)
 
@@ -116,17 +117,17 @@ def _progress(args) -> bool | None:
 
 def _run(args) -> int:
     if args.command == "import":
-        report = convert_lib.import_release(args.src, args.dest, dtype=args.dtype, scan_layers=args.scan_layers,
+        report = conversion.import_release(args.src, args.dest, dtype=args.dtype, scan_layers=args.scan_layers,
                                             overwrite=args.overwrite, progress=_progress(args))
     elif args.command == "export":
-        report = convert_lib.export_release(args.src, args.dest, max_shard_size=args.max_shard_size,
+        report = conversion.export_release(args.src, args.dest, max_shard_size=args.max_shard_size,
                                             dtype=args.dtype, overwrite=args.overwrite, progress=_progress(args))
     elif args.command == "inspect":
-        summary = convert_lib.inspect_checkpoint(args.path)
-        print(json.dumps(summary, indent=1) if args.json else convert_lib.format_inspection(summary, args.all))
+        summary = conversion.inspect_checkpoint(args.path)
+        print(json.dumps(summary, indent=1) if args.json else conversion.format_inspection(summary, args.all))
         return 0
     else:
-        differences = convert_lib.verify_checkpoints(args.a, args.b, atol=args.atol, limit=args.limit,
+        differences = conversion.verify_checkpoints(args.a, args.b, atol=args.atol, limit=args.limit,
                                                      progress=_progress(args))
         for line in differences:
             print(line)

@@ -4,6 +4,14 @@
         --hw 512,512 --cfg 7.5 --num-images 4 --seed 42 --out samples/
     python -m nextstep_jax.sample --model /path/NextStep-1-Large-Edit --image dog.jpg \\
         --prompt "<image>Add a pirate hat to the dog's head." --cfg 7.5 --cfg-img 2.0 --timesteps-shift 3.2
+    python -m nextstep_jax.sample --model ckpt/ --prompt "A house." --config.sampling.guidance_schedule=linear \\
+        --config.sampling.text_tokens=64 --config.sampling.temperature=0.7
+
+The sampling settings are the config's ``sampling`` section (fields and defaults: ``sampling_config`` in
+nextstep_jax/configs.py); the everyday ones also have flags. The settings stored with a model are its
+folder's ``sampling.json`` (a JSON object of ``sampling`` fields; in a converted checkpoint, release/sampling.json,
+where ``nextstep_jax.convert`` copies it). Of the ``model`` section only ``dtype`` applies here (the
+architectures come from the model and VAE folders); ``data.tokenizer`` is the default of ``--tokenizer``.
 
 Everything is validated (files, prompts, images, sizes) before the weights are loaded; a bad input exits
 with status 2 and a one-line message, and nothing is written. Each image is a PNG carrying the prompt,
@@ -13,41 +21,27 @@ seed and settings in text chunks, with a JSON sidecar of the same name; files ar
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import re
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 
-from nextstep_jax.checkpoint.errors import CheckpointError
-from nextstep_jax.checkpoint.load import load_nextstep, load_vae
-from nextstep_jax.checkpoint.store import RELEASE_DIR, is_checkpoint, read_manifest, restore_params
-from nextstep_jax.configs import model_config_from_release, vae_config_from_release
-from nextstep_jax.generation import CFG_SCHEDULES, Generator, SamplerSettings
-from nextstep_jax.image_files import ImageFileError, grid, load_rgb, write_json, write_png
-from nextstep_jax.models.fm_head import GRIDS, METHODS
-from nextstep_jax.models.fused_layout import fuse_projections
-from nextstep_jax.models.vae import downsample_factor
-from nextstep_jax.prompts import IMAGE_TAG, PromptError, PromptTokenizer, build_prompt_rows
-from nextstep_jax.text_decoding import TextSettings
+from nextstep_jax import configs
+from nextstep_jax.checkpoint import CheckpointError, load_model, load_vae, read_model_config, read_vae_config, \
+    release_files
+from nextstep_jax.generation.generator import Generator
+from nextstep_jax.checkpoint.converted.store import VAE_DIR
+from nextstep_jax.generation.image_files import ImageFileError, check_output_folder, grid, write_sample
+from nextstep_jax.generation.jobs import check_jobs, read_jobs, sample_record
+from nextstep_jax.generation.prompts import IMAGE_TAG, PromptBuilder, PromptError, PromptTokenizer
+from nextstep_jax.generation.settings import SamplingSettings, SettingsError, read_stored_settings
 
-USER_ERRORS = (PromptError, ImageFileError, CheckpointError, FileNotFoundError)
-RECORD_KEYS = {"prompt", "image", "negative_prompt", "positive_prompt", "seed", "name"}
-
-
-@dataclasses.dataclass
-class Job:
-    index: int
-    name: str
-    prompt: str
-    seed: int
-    negative_prompt: str | None
-    positive_prompt: str | None
-    image_path: str | None = None
-    image: np.ndarray | None = None
+USER_ERRORS = (PromptError, SettingsError, ImageFileError, CheckpointError, configs.ConfigError, FileNotFoundError)
+# Flags for the everyday sampling knobs (the official pipeline's names): flag dest -> ``sampling`` field.
+SAMPLING_FLAGS = {"hw": "hw", "cfg": "guidance_scale", "cfg_img": "image_guidance_scale", "steps": "num_steps",
+                  "timesteps_shift": "timesteps_shift", "positive_prompt": "positive_prompt",
+                  "negative_prompt": "negative_prompt"}
 
 
 def _pair(text: str) -> tuple[int, int]:
@@ -58,253 +52,129 @@ def _pair(text: str) -> tuple[int, int]:
     return h, w
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m nextstep_jax.sample", description=__doc__.split("\n")[0])
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m nextstep_jax.sample", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    configs.add_config_arguments(p)
     p.add_argument("--model", required=True,
                    help="official release folder (config.json + *.safetensors) or a converted Orbax checkpoint")
-    p.add_argument("--vae", help="VAE release folder (config.json + checkpoint.safetensors or checkpoint.pt) or converted checkpoint; "
-                                 "default <model>/vae")
-    p.add_argument("--tokenizer", help="tokenizer.json / tokenizer.model or its folder; default: the model's "
-                                       "folder (for a converted checkpoint its release/ folder)")
+    p.add_argument("--vae", help="VAE release folder (config.json + checkpoint.safetensors or checkpoint.pt) or "
+                                 "converted checkpoint; default <model>/vae")
+    p.add_argument("--tokenizer", help="tokenizer.json / tokenizer.model or its folder; default: data.tokenizer, "
+                                       "else the model's release files")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help=f"caption; for editing it contains {IMAGE_TAG} once")
     src.add_argument("--prompts-file", help="JSONL, one object per line with 'prompt' and optionally 'image', "
                                             "'negative_prompt', 'positive_prompt', 'seed' (overrides --seed), 'name'; "
                                             "image paths are relative to the file's folder")
     p.add_argument("--image", help=f"input image for editing (the prompt's {IMAGE_TAG})")
-    p.add_argument("--image-hw", type=_pair, help="resize input images to H,W (default: --hw)")
-    p.add_argument("--hw", type=_pair, default=(512, 512), help="output size H,W (default 512,512)")
-    p.add_argument("--cfg", type=float, default=7.5, help="text guidance (default 7.5; 1 = off)")
-    p.add_argument("--cfg-img", type=float, default=1.0, help="image guidance for editing (default 1 = off)")
-    p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default="constant")
-    p.add_argument("--timesteps-shift", type=float, default=1.0)
-    p.add_argument("--steps", type=int, default=50, help="flow-matching sampling steps per token (default 50)")
-    p.add_argument("--sampler", choices=METHODS, default="sde")
-    p.add_argument("--time-grid", choices=GRIDS, help="default: from the model's config schema")
-    p.add_argument("--use-norm", action=argparse.BooleanOptionalAction, default=None,
-                   help="layer-normalise sampled tokens (default: on for NextStep-1, off for 1.1)")
-    p.add_argument("--positive-prompt", help="appended to every prompt after one space")
-    p.add_argument("--negative-prompt", help="unconditional prompt for CFG (default empty)")
+    p.add_argument("--image-hw", type=_pair, help="resize input images to H,W (default: the output size)")
+    defaults = configs.sampling_config()
+    knobs = p.add_argument_group("sampling knobs (each sets one field of the config's sampling section)")
+    knobs.add_argument("--hw", type=_pair, help=f"sampling.hw: output size H,W (default {defaults.hw})")
+    knobs.add_argument("--cfg", type=float, help="sampling.guidance_scale: text guidance "
+                                                 f"(default {defaults.guidance_scale}; 1 = off)")
+    knobs.add_argument("--cfg-img", type=float, help="sampling.image_guidance_scale: image guidance for editing "
+                                                     f"(default {defaults.image_guidance_scale} = off)")
+    knobs.add_argument("--steps", type=int, help="sampling.num_steps: flow-matching steps per token "
+                                                 f"(default {defaults.num_steps})")
+    knobs.add_argument("--timesteps-shift", type=float,
+                       help=f"sampling.timesteps_shift (default {defaults.timesteps_shift})")
+    knobs.add_argument("--positive-prompt", help="sampling.positive_prompt: appended to every prompt after one space")
+    knobs.add_argument("--negative-prompt", help="sampling.negative_prompt: unconditional prompt (default empty)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--batch-size", type=int, help="images per compiled call (default --num-images)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="compute and parameter dtype")
-    p.add_argument("--text-tokens", type=int, default=0,
-                   help="decode up to N text tokens (e.g. a thinking span) before the image (default 0 = off)")
-    p.add_argument("--temperature", type=float, default=0.0, help="text sampling temperature (0 = greedy)")
-    p.add_argument("--top-p", type=float, default=1.0, help="text nucleus sampling mass")
-    p.add_argument("--prepend-bos", action="store_true", help="put the BOS token before every prompt")
-    p.add_argument("--length-bucket", type=int, default=64,
-                   help="prompt lengths are padded to a multiple of this, so prompts share one compilation")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="compute and parameter dtype (model.dtype, default float32)")
     p.add_argument("--out", default="samples", help="output folder (default ./samples)")
     p.add_argument("--grid", action="store_true", help="also write a grid of each prompt's images")
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    for name in ("num_images", "steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return p
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
+    p = _parser()
+    args, overrides = configs.parse_args(p, argv)
+    if args.num_images < 1:
+        p.error("--num-images must be >= 1")
     if args.batch_size is not None and args.batch_size < 1:
         p.error("--batch-size must be >= 1")
     if args.prompts_file and args.image:
         p.error("--image goes with --prompt; in --prompts-file give 'image' per record")
-    if args.text_tokens < 0 or args.temperature < 0 or not 0 < args.top_p <= 1:
-        p.error("need --text-tokens >= 0, --temperature >= 0 and 0 < --top-p <= 1")
-    if args.length_bucket < 1:
-        p.error("--length-bucket must be >= 1")
-    return args
+    return args, overrides
 
 
-def _slug(text: str, limit: int = 40) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text.replace(IMAGE_TAG, "")).strip("-")[:limit].lower() or "image"
+def _progress(args, job, start: int, count: int, num_tokens: int):
+    """A progress bar over the image tokens of one call (a null context with --no-progress)."""
+    if args.no_progress:
+        return nullcontext()
+    from tqdm import tqdm
+
+    several = count < args.num_images
+    label = f"[{job.index + 1}] {job.name}" + (f" images {start}-{start + count - 1}" if several else "")
+    return tqdm(total=num_tokens, desc=label, unit="tok", file=sys.stderr, leave=False)
 
 
-def _read_jobs(args) -> list[Job]:
-    if args.prompt is not None:
-        return [Job(0, _slug(args.prompt), args.prompt, args.seed, args.negative_prompt, args.positive_prompt,
-                    args.image)]
-    path = Path(args.prompts_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file {path} does not exist")
-    jobs = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PromptError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-            raise PromptError(f"{path}:{lineno}: each line must be an object with a string 'prompt'")
-        unknown = set(rec) - RECORD_KEYS
-        if unknown:
-            raise PromptError(f"{path}:{lineno}: unknown keys {sorted(unknown)} (allowed: {sorted(RECORD_KEYS)})")
-        image = rec.get("image")
-        if image is not None:
-            image = str(path.parent / image)
-        seed = rec.get("seed", args.seed)
-        if not isinstance(seed, int):
-            raise PromptError(f"{path}:{lineno}: 'seed' must be an integer")
-        jobs.append(Job(len(jobs), _slug(str(rec.get("name") or rec["prompt"])), rec["prompt"], seed,
-                        rec.get("negative_prompt", args.negative_prompt),
-                        rec.get("positive_prompt", args.positive_prompt), image))
-    if not jobs:
-        raise PromptError(f"{path} contains no prompts")
-    return jobs
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-    """A model or VAE: an official release folder, or a checkpoint converted by ``nextstep_jax.convert``."""
-
-    path: Path
-    kind: str  # "nextstep" | "vae"
-    converted: bool
-    cfg: object
-
-    @classmethod
-    def open(cls, path: Path, kind: str) -> Source:
-        if is_checkpoint(path):
-            manifest = read_manifest(path)
-            if manifest.kind != kind:
-                raise CheckpointError(f"{path} is a converted {manifest.kind} checkpoint, expected {kind}")
-            return cls(path, kind, True, manifest.model_config())
-        config = path / "config.json"
-        if not config.is_file():
-            raise FileNotFoundError(f"{path}: no config.json (expected an official release folder or a checkpoint "
-                                    "converted by nextstep_jax.convert)")
-        try:
-            cfg = model_config_from_release(config) if kind == "nextstep" else vae_config_from_release(config)
-        except (ValueError, json.JSONDecodeError) as e:
-            raise CheckpointError(str(e)) from None
-        return cls(path, kind, False, cfg)
-
-    def load(self, dtype: str):
-        """(config, params) in ``dtype``. NextStep in its decode layout: layers unrolled (slicing stacked
-        weights every step measured slower) and q/k/v, gate/up fused (one weight read each per layer)."""
-        param_dtype = jnp.dtype(dtype)
-        if self.converted:
-            cfg, params = restore_params(self.path, scan_layers=False if self.kind == "nextstep" else None,
-                                         dtype=param_dtype)
-        elif self.kind == "nextstep":
-            cfg, params = load_nextstep(self.path, scan_layers=False, param_dtype=param_dtype)
-        else:
-            cfg, params = load_vae(self.path, param_dtype=param_dtype)
-        cfg.dtype = dtype
-        if self.kind == "nextstep":
-            cfg, params = fuse_projections(cfg, params, donate=True)
-        return cfg, params
-
-
-def _sources(args) -> tuple[Source, Source, Path]:
-    model = Source.open(Path(args.model), "nextstep")
-    release_files = model.path / RELEASE_DIR if model.converted else model.path
-    vae = Source.open(Path(args.vae) if args.vae else model.path / "vae", "vae")
-    return model, vae, Path(args.tokenizer) if args.tokenizer else release_files
-
-
-def _settings_record(args, job: Job, sampler: SamplerSettings, model: Source, vae: Source) -> dict:
-    return {"prompt": job.prompt, "negative_prompt": job.negative_prompt, "positive_prompt": job.positive_prompt,
-            "image": job.image_path, "seed": job.seed, "hw": list(args.hw), "cfg": args.cfg,
-            "cfg_img": args.cfg_img, **dataclasses.asdict(sampler), "dtype": args.dtype,
-            "model": str(model.path.resolve()), "vae": str(vae.path.resolve()), "text_tokens": args.text_tokens,
-            "temperature": args.temperature, "top_p": args.top_p, "prepend_bos": args.prepend_bos}
-
-
-def _plan(args, tok: PromptTokenizer, model_cfg, down_factor: int) -> list[tuple[Job, list]]:
-    """Every job with its (first sample index, PromptRows) chunks; reads and checks all inputs."""
-    batch = args.batch_size or args.num_images
-    planned = []
-    for job in _read_jobs(args):
-        if not 0 <= job.seed < 2 ** 32:
-            raise PromptError(f"seed {job.seed} of prompt {job.index} is outside [0, 2**32)")
-        if job.image_path is not None:
-            job.image = load_rgb(job.image_path, args.image_hw or args.hw)
-        chunks = []
-        for start in range(0, args.num_images, batch):
-            rows = build_prompt_rows(
-                tok, [job.prompt], hw=args.hw, down_factor=down_factor,
-                image_sizes=None if job.image is None else [job.image.shape[:2]],
-                num_images_per_caption=min(batch, args.num_images - start), positive_prompt=job.positive_prompt,
-                negative_prompt=job.negative_prompt, cfg=args.cfg, cfg_img=args.cfg_img,
-                prepend_bos=args.prepend_bos, bos_id=model_cfg.bos_token_id, length_bucket=args.length_bucket,
-                open_cond_rows=args.text_tokens > 0)
-            chunks.append((start, rows))
-        planned.append((job, chunks))
-    return planned
-
-
-def run(args) -> list[Path]:
+def run(args, overrides: list[str]) -> list[Path]:
     """Validate everything, then load the weights and generate; returns the files written."""
-    model, vae, tok_path = _sources(args)
-    tok = PromptTokenizer(tok_path)
-    tok.check_model_ids(model.cfg)
-    is_11 = model.cfg.schema == "1.1"
-    sampler = SamplerSettings(
-        num_steps=args.steps, timesteps_shift=args.timesteps_shift, cfg_schedule=args.cfg_schedule,
-        method=args.sampler, time_grid=args.time_grid or ("nextstep1.1" if is_11 else "nextstep1"),
-        use_norm=(not is_11) if args.use_norm is None else args.use_norm)
-    text = TextSettings(args.text_tokens, args.temperature, args.top_p)
-    planned = _plan(args, tok, model.cfg, downsample_factor(vae.cfg) * model.cfg.latent_patch_size)
+    check_output_folder(args.out)
+    model_path = Path(args.model)
+    model_cfg = read_model_config(model_path)
+    vae_path = Path(args.vae) if args.vae else model_path / VAE_DIR
+    if not args.vae and not vae_path.exists():
+        raise FileNotFoundError(f"{model_path} has no {VAE_DIR}/ folder: pass --vae (the release's VAE folder, or "
+                                "a checkpoint converted from it by nextstep_jax.convert)")
+    vae_cfg = read_vae_config(vae_path)
+    stored = read_stored_settings(release_files(model_path))
+    config = configs.resolve(args, overrides, stored=None if stored is None else {"sampling": stored})
+    flags = {field: getattr(args, dest) for dest, field in SAMPLING_FLAGS.items() if getattr(args, dest) is not None}
+    settings = SamplingSettings.from_config(config.sampling, **flags).for_model(model_cfg)
+    dtype = args.dtype or config.model.dtype
+    tok = PromptTokenizer(args.tokenizer or config.data.tokenizer or release_files(model_path))
+    jobs = read_jobs(settings, prompt=args.prompt, prompts_file=args.prompts_file, image=args.image, seed=args.seed,
+                     image_hw=args.image_hw)
+    check_jobs(jobs, PromptBuilder(tok, model_cfg, vae_cfg))
     out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileNotFoundError(f"--out {out_dir} exists and is not a folder")
 
-    print(f"loading {model.path} and {vae.path} ({args.dtype})", file=sys.stderr)
-    generator = Generator(*model.load(args.dtype), *vae.load(args.dtype))
+    print(f"loading {model_path} and {vae_path} ({dtype})", file=sys.stderr)
+    model_cfg, params = load_model(model_path, dtype=dtype)
+    vae_cfg, vae_params = load_vae(vae_path, dtype=dtype)
+    generator = Generator(configs.replace(model_cfg, dtype=dtype), params, configs.replace(vae_cfg, dtype=dtype),
+                          vae_params, tok, donate=True)
+    paths = {"dtype": dtype, "model": str(model_path.resolve()), "vae": str(vae_path.resolve())}
+    batch = args.batch_size or args.num_images
     written = []
-    for job, chunks in planned:
+    for job in jobs:
         images = []
-        for start, rows in chunks:
-            result = _run_chunk(generator, rows, sampler, text, args, job, start, len(chunks) > 1)
-            for j in range(rows.num_samples):
-                record = _settings_record(args, job, sampler, model, vae) | {"sample": start + j}
+        for start in range(0, args.num_images, batch):
+            count = min(batch, args.num_images - start)
+            with _progress(args, job, start, count, generator.prompts.num_image_tokens(job.settings)) as bar:
+                result = generator.generate([job.prompt], job.settings, images=job.images,
+                                            num_images_per_caption=count, seed=job.seed,
+                                            sample_ids=np.arange(start, start + count),
+                                            progress=None if bar is None else lambda k: bar.update(1))
+            for j in range(count):
+                record = sample_record(job, start + j, **paths)
                 if result.text_ids is not None:
                     record["generated_text"] = tok.decode(result.text_ids[j][: int(result.text_lengths[j])])
-                written += _write_sample(out_dir / f"{job.index:04d}_{job.name}_s{job.seed}_{start + j}",
-                                         result.images[j], record)
+                files = write_sample(out_dir / job.stem(start + j), result.images[j], record)
+                print(files[0])
+                written += files
                 images.append(result.images[j])
         if args.grid and len(images) > 1:
-            path = out_dir / f"{job.index:04d}_{job.name}_s{job.seed}_grid.png"
-            write_png(path, grid(images), {"prompt": job.prompt, "seed": str(job.seed)})
-            print(path)
-            written.append(path)
+            record = sample_record(job, list(range(args.num_images)), **paths)
+            files = write_sample(out_dir / job.stem("grid"), grid(images), record)
+            print(files[0])
+            written += files
     print(f"wrote {len(written)} files to {out_dir.resolve()}", file=sys.stderr)
     return written
 
 
-def _run_chunk(generator, rows, sampler, text, args, job, start, several):
-    bar = progress = None
-    if not args.no_progress:
-        from tqdm import tqdm
-
-        label = f"[{job.index + 1}] {job.name}" + (f" images {start}-{start + rows.num_samples - 1}" if several else "")
-        bar = tqdm(total=rows.grid[0] * rows.grid[1], desc=label, unit="tok", file=sys.stderr, leave=False)
-        progress = lambda k: bar.update(1)  # noqa: E731
-    try:
-        return generator.generate(rows, sampler, cfg=args.cfg, cfg_img=args.cfg_img, seed=job.seed,
-                                  images=None if job.image is None else [job.image],
-                                  sample_ids=np.arange(start, start + rows.num_samples),
-                                  text=text if rows.open_rows else None, progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
-
-
-def _write_sample(stem: Path, image: np.ndarray, record: dict) -> list[Path]:
-    """PNG (prompt, seed and the settings JSON in text chunks) + the same JSON as a sidecar."""
-    png, sidecar = stem.with_suffix(".png"), stem.with_suffix(".json")
-    write_png(png, image, {"prompt": record["prompt"], "seed": str(record["seed"]),
-                           "settings": json.dumps(record, ensure_ascii=False), "software": "nextstep_jax"})
-    write_json(sidecar, record)
-    print(png)
-    return [png, sidecar]
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args, overrides = parse_args(argv)
     try:
-        run(args)
+        run(args, overrides)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ knows how they map onto the physical mesh axes ``data``, ``fsdp``, ``tensor`` an
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import jax
@@ -86,18 +87,117 @@ def logical_to_mesh_spec(logical: Sequence[str | None], rules=LOGICAL_AXIS_RULES
     return nn.logical_to_mesh_axes(tuple(logical), rules)
 
 
-def logical_shardings(logical_specs, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
-    """Map a pytree of logical PartitionSpecs (from ``nn.get_partition_spec``) to NamedShardings."""
-    mesh_specs = nn.logical_to_mesh(logical_specs, rules)
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), mesh_specs,
-                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh_shape: dict[str, int]) -> PartitionSpec:
+    """``spec`` with every mesh axis that does not divide its dimension dropped (that part replicated).
+
+    The one policy for indivisible dimensions: e.g. 1 KV head on tensor=2 or a 307-token vocabulary stay
+    whole on every device, as MaxText replicates KV heads below the tensor size. Axes of a dimension are
+    kept from the left while their product divides it. Dimensions that must be split for a model to fit
+    are refused earlier by ``validate_mesh``.
+    """
+    fitted = []
+    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        kept, size = [], 1
+        for axis in axes:
+            if dim % (size * mesh_shape[axis]):
+                break
+            kept.append(axis)
+            size *= mesh_shape[axis]
+        fitted.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*fitted)
+
+
+def sharding_for(shape: Sequence[int], logical: Sequence[str | None], mesh: Mesh,
+                 rules=LOGICAL_AXIS_RULES) -> NamedSharding:
+    """The NamedSharding of an array of ``shape`` whose axes have the ``logical`` names."""
+    return NamedSharding(mesh, fit_spec(logical_to_mesh_spec(logical, rules), shape, dict(mesh.shape)))
 
 
 def shardings_of(boxed_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
-    """NamedShardings for a (possibly abstract) variable tree whose leaves are ``nn.Partitioned``."""
-    return logical_shardings(nn.get_partition_spec(boxed_tree), mesh, rules)
+    """NamedShardings for a (possibly abstract) variable tree whose leaves are ``nn.Partitioned``; leaves
+    without names are replicated."""
+    def one(leaf):
+        if isinstance(leaf, nn.Partitioned):
+            return sharding_for(leaf.value.shape, leaf.names, mesh, rules)
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """Activation sharding constraint by logical names under ``use_mesh`` (unchanged outside one).
+
+    Unlike ``nn.with_logical_constraint`` it knows the value's shape and applies ``fit_spec``, so a
+    dimension its axes do not divide (a batch of 1, one KV head) is left whole instead of padded.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = nn.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return x
+    spec = fit_spec(logical_to_mesh_spec(logical, rules), x.shape, dict(mesh.shape))
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 def batch_sharding(mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> NamedSharding:
     """Leading (batch) axis split like ``activation_batch``; the rest replicated."""
     return NamedSharding(mesh, logical_to_mesh_spec(("activation_batch",), rules))
+
+
+def batch_shards(mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> int:
+    """How many ways ``activation_batch`` splits the batch on ``mesh``."""
+    spec = logical_to_mesh_spec(("activation_batch",), rules)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def validate_mesh(config, mesh, rules=LOGICAL_AXIS_RULES) -> None:
+    """Refuse, before anything compiles, a config whose sharded dimensions the mesh does not divide.
+
+    Checked: the dimensions the rules split and that must be split for a large model to fit or run in
+    parallel (attention heads, MLP width, hidden sizes over fsdp, the global batch per microbatch over the
+    batch axes, the sequence). Vocabulary and KV heads are exempt: ``fit_spec`` replicates them when
+    indivisible. ``config`` has a ``model`` section and optionally ``data`` (batch_size, seq_len) and
+    ``train_step`` (microbatches); ``mesh`` is a Mesh or AbstractMesh.
+    """
+    sizes = dict(mesh.shape)
+
+    def axis_size(logical: str) -> tuple[str, int]:
+        spec = logical_to_mesh_spec((logical,), rules)[0]
+        axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+        return "x".join(axes) or "-", int(np.prod([sizes[a] for a in axes]))
+
+    model = config.model
+    checks = [
+        ("model.num_heads", model.num_heads, "heads"),
+        ("model.intermediate_size", model.intermediate_size, "mlp"),
+        ("model.hidden_size", model.hidden_size, "embed"),
+        ("model.fm_head_dim", model.fm_head_dim, "fm_embed"),
+    ]
+    data = config.get("data") or {}
+    if data.get("batch_size") is not None:
+        microbatches = int((config.get("train_step") or {}).get("microbatches", 1))
+        if data["batch_size"] % microbatches:
+            raise ValueError(f"data.batch_size={data['batch_size']} is not divisible by "
+                             f"train_step.microbatches={microbatches}")
+        rows = data["batch_size"] // microbatches
+        name = "data.batch_size" if microbatches == 1 else "data.batch_size / train_step.microbatches"
+        checks.append((name, rows, "activation_batch"))
+    if data.get("seq_len") is not None:
+        checks.append(("data.seq_len", data["seq_len"], "activation_length"))
+    for field, value, logical in checks:
+        axes, size = axis_size(logical)
+        if value % size:
+            raise ValueError(f"{field}={value} is not divisible by mesh axis {axes}={size} "
+                             f"(logical axis {logical!r}); change the mesh or the config")
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    """The one mesh context: ``jax.set_mesh`` plus Flax's logical axis rules.
+
+    Under it ``nn.with_logical_constraint`` takes effect; under the deprecated ``with mesh:`` Flax sees no
+    global mesh and silently returns every value unconstrained.
+    """
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield mesh

@@ -41,15 +41,14 @@ def load_case(golden_dir):
 def golden_model(golden_dir):
     """golden_model(scan_layers=True, dtype="float32", fused=False, **overrides) -> (cfg, variables) of
     golden/model; ``fused``: q/k/v and gate/up in the fused layout."""
-    from nextstep_jax.checkpoint.load import load_nextstep
-    from nextstep_jax.models.fused_layout import fuse_projections
+    from nextstep_jax.checkpoint import load_model
 
     loaded: dict[tuple[bool, bool], tuple] = {}
 
     def get(scan_layers: bool = True, dtype: str = "float32", fused: bool = False, **overrides):
         if (scan_layers, fused) not in loaded:
-            cfg, params = load_nextstep(golden_dir / "model", scan_layers=scan_layers)
-            loaded[scan_layers, fused] = fuse_projections(cfg, params) if fused else (cfg, params)
+            loaded[scan_layers, fused] = load_model(golden_dir / "model", layers="scanned" if scan_layers else "unrolled",
+                                                    fused=fused)
         cfg, params = loaded[scan_layers, fused]
         cfg = cfg.copy_and_resolve_references()
         cfg.dtype = dtype
@@ -60,14 +59,10 @@ def golden_model(golden_dir):
 
 
 def repo_config(name: str):
-    """get_config() of configs/<name>.py (big_vision style)."""
-    import importlib.util
+    """get_config() of configs/<name>.py, its model's special-token ids read from its data.tokenizer."""
+    from nextstep_jax.configs import load_config_file, with_tokenizer_ids
 
-    path = TESTS_DIR.parent / "configs" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return with_tokenizer_ids(load_config_file(TESTS_DIR.parent / "configs" / f"{name}.py"))
 
 
 @pytest.fixture

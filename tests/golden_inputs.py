@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from nextstep_jax.models.latents import patchify
+from nextstep_jax.latents import patchify
 from nextstep_jax.models.nextstep import scatter_image_tokens
 
 

@@ -1,42 +1,14 @@
 import json
+from pathlib import Path
 
 import pytest
 
 from conftest import repo_config
-from nextstep_jax.configs import model_config, model_config_from_release, vae_config_from_release
+from nextstep_jax.configs import ConfigError, apply_overrides, load_config_file, model_config, with_tokenizer_ids
+from nextstep_jax.data.pipeline import DataConfig, batch_spec, dataset_specs, make_iterator
+from nextstep_jax.data.tokenizer import load_tokenizer
 
-
-def test_release_config_1_0(golden_dir):
-    release = json.loads((golden_dir / "model" / "config.json").read_text())
-    cfg = model_config_from_release(golden_dir / "model" / "config.json")
-    assert cfg.schema == "1.0"
-    assert cfg.hidden_size == release["hidden_size"]
-    assert cfg.num_layers == release["num_hidden_layers"]
-    assert cfg.num_kv_heads == release["num_key_value_heads"]
-    assert cfg.fm_head_dim == release["fm_head_dim"]
-    assert cfg.fm_head_batch_mul == release["fm_head_batch_mul"]
-    assert cfg.pad_token_id == release["pad_token_id_added"]
-    assert cfg.rope_theta == release["rope_theta"]
-
-
-def _as_1_1(release: dict) -> dict:
-    """Rename the NextStep-1 fields to the NextStep-1.1 (genloss_*) schema, REFERENCE §13."""
-    out = dict(release)
-    for old, new in (("fm_head_dim", "genloss_width"), ("fm_head_layers", "genloss_depth"),
-                     ("fm_head_batch_mul", "genloss_batch_mul"), ("latent_channels", "num_channels"),
-                     ("latent_patch_size", "patch_size"), ("im_loss_weight", "image_loss_weight")):
-        out[new] = out.pop(old)
-    out.update(genloss_type="transport", genloss_net_arch="mlp", image_decoder_arch="Trans_E")
-    return out
-
-
-def test_release_config_1_1_equals_1_0(golden_dir):
-    release = json.loads((golden_dir / "model" / "config.json").read_text())
-    a = model_config_from_release(release)
-    b = model_config_from_release(_as_1_1(release))
-    assert b.schema == "1.1"
-    b.schema = a.schema
-    assert a.to_dict() == b.to_dict()
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_released_14b_values():
@@ -47,47 +19,57 @@ def test_released_14b_values():
     assert cfg.attention_bias and not cfg.o_attention_bias and not cfg.tie_word_embeddings
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"model_type": "llama"}, "unsupported architecture"),
-    ({"architectures": ["MixtralForCausalLM"]}, "unsupported architecture"),
-    ({"hidden_size": None}, "hidden_size"),
-    ({"num_key_value_heads": 3}, "not divisible"),
-    ({"use_gen_pos_embed": True}, "gen_pos_embed"),
-])
-def test_release_config_rejects(golden_dir, change, match):
-    release = json.loads((golden_dir / "model" / "config.json").read_text())
-    release.update(change)
-    release = {k: v for k, v in release.items() if v is not None}
-    with pytest.raises(ValueError, match=match):
-        model_config_from_release(release)
-
-
-def test_missing_o_attention_bias_follows_attention_bias(golden_dir):
-    release = json.loads((golden_dir / "model" / "config.json").read_text())
-    del release["o_attention_bias"]
-    assert model_config_from_release(release).o_attention_bias == release["attention_bias"]
-
-
-def test_vae_config_reads_normalisation(golden_dir):
-    release = json.loads((golden_dir / "vae" / "config.json").read_text())
-    cfg = vae_config_from_release(release)
-    for key in ("scaling_factor", "shift_factor", "encoder_norm", "deterministic", "z_channels"):
-        assert cfg[key] == release[key]
-    assert tuple(cfg.ch_mult) == tuple(release["ch_mult"])
-    with pytest.raises(ValueError, match="latent"):
-        vae_config_from_release({k: v for k, v in release.items() if k != "scaling_factor"})
-    with pytest.raises(ValueError, match="unknown VAE config fields"):
-        vae_config_from_release({**release, "quant_conv": True})
-
-
 def test_model_config_overrides():
     assert model_config(num_layers=3).num_layers == 3
 
 
-def test_vae_config_missing_fields_fall_back_to_the_released_tokenizer(golden_dir):
-    release = json.loads((golden_dir / "vae" / "config.json").read_text())
-    for key in ("encoder_norm", "deterministic", "psz"):
-        release.pop(key, None)
-    cfg = vae_config_from_release(release)
-    assert cfg.encoder_norm is True and cfg.deterministic is True and cfg.psz == 2
-    assert vae_config_from_release({**release, "psz": None}).psz == 1
+def test_tiny_config_takes_its_special_ids_from_the_tokenizer_it_names(golden_dir):
+    config = repo_config("tiny")
+    special = load_tokenizer(config.data.tokenizer).special
+    assert (config.model.boi, config.model.eoi, config.model.image_placeholder_id) == (
+        special.boi, special.eoi, special.placeholder)
+    assert (config.model.pad_token_id, config.model.bos_token_id, config.model.eos_token_id) == (
+        special.pad, special.eos, special.eos)
+    # Another tokenizer brings its own ids: the golden one's are those the official code recorded.
+    golden = json.loads((golden_dir / "meta.json").read_text())["special_token_ids"]
+    unresolved = load_config_file(CONFIGS / "tiny.py")
+    other = with_tokenizer_ids(apply_overrides(unresolved, [f"data.tokenizer={golden_dir / 'tokenizer'}"]))
+    assert (other.model.boi, other.model.eoi, other.model.image_placeholder_id, other.model.pad_token_id) == (
+        golden["<|begin_of_image|>"], golden["<|end_of_image|>"], golden["<|image_placeholder|>"], golden["[PAD]"])
+    assert other.model.eos_token_id == golden["<|endoftext|>"]
+
+
+def test_tokenizer_ids_must_agree_with_ids_already_set(golden_dir):
+    config = repo_config("tiny")  # ids now set from the byte-level tokenizer
+    with pytest.raises(ConfigError, match=r"model\.boi=\d+ but tokenizer"):
+        with_tokenizer_ids(apply_overrides(config, [f"data.tokenizer={golden_dir / 'tokenizer'}"]))
+    small = apply_overrides(config, ["model.vocab_size=100"])
+    with pytest.raises(ConfigError, match="model.vocab_size=100"):
+        with_tokenizer_ids(small)
+    with pytest.raises(ConfigError, match="data.tokenizer=/nonexistent"):
+        with_tokenizer_ids(apply_overrides(config, ["data.tokenizer=/nonexistent"]))
+    assert with_tokenizer_ids(repo_config("14b")).model.boi == 151667  # no tokenizer named: the model's ids
+
+
+@pytest.mark.parametrize("name", ["14b", "tiny"])
+def test_repo_configs_derive_their_data_config(name):
+    config = repo_config(name)
+    data = DataConfig.from_config(config, process_index=0, process_count=1)
+    assert (data.patch_size, data.latent_channels) == (config.model.latent_patch_size, config.model.latent_channels)
+    assert (data.seq_len, data.batch_size, data.image_size) == (
+        config.data.seq_len, config.data.batch_size, config.data.image_size)
+
+
+@pytest.mark.parametrize("name", ["14b", "tiny"])
+def test_repo_configs_hold_every_section(name):
+    assert {"model", "vae", "data", "sampling", "mesh"} <= set(repo_config(name).keys())
+
+
+def test_tiny_config_packs_shapes_batches_for_its_model():
+    config = repo_config("tiny")
+    data = DataConfig.from_config(config, process_index=0, process_count=1)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    batch = next(make_iterator(data, dataset_specs(config), tokenizer))
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == batch_spec(data)
+    assert batch["input_ids"].max() < config.model.vocab_size
+    assert (batch["input_ids"] == config.model.image_placeholder_id).sum() == (batch["image_slots"] >= 0).sum()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -78,25 +79,29 @@ def to_torch(entry: Entry, array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array).reshape(entry.torch_shape)
 
 
-def params_from_tensors(table: list[Entry], get_tensor: Callable[[str], np.ndarray]) -> dict:
-    """Nested Flax param dict from a tensor source; scanned layers are stacked along a new axis 0."""
-    num_layers: dict[tuple[str, ...], int] = {}
+def params_from_tensors(table: list[Entry], get_tensor: Callable[[str], np.ndarray],
+                        place: Callable[[tuple[str, ...], np.ndarray], Any] = lambda path, array: array) -> dict:
+    """Nested Flax param dict from ``get_tensor(torch_key)``, one leaf at a time: scanned layers are stacked
+    along a new axis 0, and ``place(path, leaf)`` (e.g. onto a device) receives each finished leaf before the
+    next is read, so only one leaf is ever held on the host."""
+    leaves: dict[tuple[str, ...], list[Entry]] = {}
     for e in table:
-        if e.layer is not None:
-            num_layers[e.flax_path] = max(num_layers.get(e.flax_path, 0), e.layer + 1)
+        leaves.setdefault(e.flax_path, []).append(e)
     params: dict = {}
-    for e in table:
-        value = to_flax(e, get_tensor(e.torch_key))
-        node = params
-        for name in e.flax_path[:-1]:
-            node = node.setdefault(name, {})
-        leaf = e.flax_path[-1]
-        if e.layer is None:
-            node[leaf] = value
+    for path, entries in leaves.items():
+        if entries[0].layer is None:
+            value = to_flax(entries[0], get_tensor(entries[0].torch_key))
         else:
-            if leaf not in node:
-                node[leaf] = np.empty((num_layers[e.flax_path], *e.flax_shape), value.dtype)
-            node[leaf][e.layer] = value
+            value = None
+            for e in entries:
+                layer = to_flax(e, get_tensor(e.torch_key))
+                if value is None:
+                    value = np.empty((max(x.layer for x in entries) + 1, *e.flax_shape), layer.dtype)
+                value[e.layer] = layer
+        node = params
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = place(path, value)
     return params
 
 
@@ -181,7 +186,7 @@ def nextstep_table(cfg) -> list[Entry]:
     """Every tensor of a NextStep release, in the official state_dict order."""
     if cfg.get("fused_qkv") or cfg.get("fused_mlp"):
         raise ValueError("the release layout has separate q/k/v and gate/up projections: convert fused params "
-                         "with models.fused_layout.unfuse_projections before mapping them to PyTorch keys")
+                         "with models.layouts.unfuse_projections before mapping them to PyTorch keys")
     e, v = cfg.hidden_size, cfg.vocab_size
     tok = cfg.latent_channels * cfg.latent_patch_size ** 2
     out = [Entry("embed_tokens.weight", ("embed_tokens", "embedding"), "copy", (v, e), (v, e))]

@@ -8,7 +8,8 @@
 Every image is decoded once (header checked against --max-pixels before any pixel is allocated);
 samples that cannot be used are skipped with a reason, so records on disk are known good. Output is
 deterministic (input order, no timestamps). Progress goes to stderr; the last stdout line is
-``{"written": N, "skipped": M, "skipped_by_reason": {...}}``.
+``{"written": N, "skipped": M, "skipped_by_reason": {...}}``. Bad input (a missing file or folder, a non-empty
+--out, inputs of which not one sample is usable): one ``error:`` line on stderr, exit status 2, no output folder.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from nextstep_jax.data import raw_inputs
 from nextstep_jax.data.images import DEFAULT_MAX_PIXELS, open_image
 from nextstep_jax.data.records import RecordWriter
 from nextstep_jax.data.samples import KINDS, BadSample, EncodedImage, Sample, Skipped, check_structure
+
+
+class NoUsableSample(ValueError):
+    """Not one input sample could be used: a wrong path or format, not a dataset."""
 
 
 def verify(sample: Sample | Skipped, max_pixels: int = DEFAULT_MAX_PIXELS) -> Sample | Skipped:
@@ -57,7 +62,8 @@ class _Verifier:
 
 def build(samples: Iterable[Sample | Skipped], out_dir: str | Path, *, records_per_shard: int = 1000,
           max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 1, progress: bool = True) -> dict:
-    """Verify and write ``samples``; returns the summary dict."""
+    """Verify and write ``samples``; returns the summary dict. Writes nothing and raises NoUsableSample when
+    every sample is skipped."""
     skipped: Counter[str] = Counter()
     with RecordWriter(out_dir, records_per_shard) as writer:
         for result in tqdm(_verified(samples, max_pixels, workers), desc="build", unit="sample",
@@ -67,6 +73,8 @@ def build(samples: Iterable[Sample | Skipped], out_dir: str | Path, *, records_p
             else:
                 writer.write(result)
         written = writer.num_written
+        if not written:
+            raise NoUsableSample(f"no usable sample (skipped {sum(skipped.values())}: {dict(sorted(skipped.items()))})")
     return {"written": written, "skipped": sum(skipped.values()), "skipped_by_reason": dict(sorted(skipped.items()))}
 
 
@@ -116,16 +124,25 @@ def _tar_paths(spec: str) -> list[str]:
 
 def main(argv=None) -> int:
     args = _parse_args(argv)
-    if args.captions:
-        samples = raw_inputs.image_folder(args.images, args.captions)
-    elif args.tars:
-        samples = raw_inputs.webdataset_tars(_tar_paths(args.tars), args.kind)
-    elif args.edits:
-        samples = raw_inputs.editing_triplets(args.edits, args.images or Path(args.edits).parent)
-    else:
-        samples = raw_inputs.plain_text(args.text)
-    summary = build(samples, args.out, records_per_shard=args.records_per_shard, max_pixels=args.max_pixels,
-                    workers=args.workers, progress=not args.no_progress)
+    try:
+        if args.images and not Path(args.images).is_dir():
+            raise NotADirectoryError(f"--images {args.images}: no such folder")
+        if args.captions:
+            samples = raw_inputs.image_folder(args.images, args.captions)
+        elif args.tars:
+            samples = raw_inputs.webdataset_tars(_tar_paths(args.tars), args.kind)
+        elif args.edits:
+            samples = raw_inputs.editing_triplets(args.edits, args.images or Path(args.edits).parent)
+        else:
+            samples = raw_inputs.plain_text(args.text)
+        summary = build(samples, args.out, records_per_shard=args.records_per_shard, max_pixels=args.max_pixels,
+                        workers=args.workers, progress=not args.no_progress)
+    except NoUsableSample as e:
+        print(f"error: {args.captions or args.tars or args.edits or args.text}: {e}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:  # unreadable inputs, a non-empty --out: nothing was written
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     print(json.dumps(summary), flush=True)
     return 0
 

@@ -1,4 +1,4 @@
-"""Image decoding and geometry: safe decode to RGB, resize + centre crop, normalisation, latent patchify.
+"""Image decoding and geometry: safe decode to RGB, resize + centre crop, normalisation, bucketing.
 
 Decoding never allocates a decompression bomb: the header is read first and images whose declared pixel
 count exceeds ``max_pixels`` are rejected before any pixel is decoded.
@@ -11,7 +11,7 @@ import struct
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from nextstep_jax.data.buckets import PIXELS_PER_TOKEN, nearest_grid
 from nextstep_jax.data.samples import BadSample, EncodedImage, PixelImage
@@ -21,6 +21,8 @@ DECODABLE_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO
 # Modes with a well-defined RGB meaning; 16/32-bit integer and float images are not.
 SUPPORTED_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"})
 WHITE = (255, 255, 255)
+# What Pillow raises for corrupt or truncated data, in the header (Image.open) or the pixels (load).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
 
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -33,7 +35,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
             img = Image.open(io.BytesIO(data))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise BadSample("decompression_bomb", str(e)) from None
-        except UnidentifiedImageError as e:
+        except DECODE_ERRORS as e:
             raise BadSample("decode_error", str(e)) from None
     if img.format not in DECODABLE_FORMATS:
         raise BadSample("unsupported_format", str(img.format))
@@ -47,7 +49,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     try:
         img.load()
         return ImageOps.exif_transpose(img)
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+    except DECODE_ERRORS as e:
         raise BadSample("decode_error", str(e)) from None
 
 

@@ -1,7 +1,7 @@
 """The training data pipeline on Grain: sources -> shard -> shuffle/repeat -> prepare -> mix -> pack.
 
-    iterator = make_iterator(DataConfig(seq_len=1024, batch_size=8, image_size=64),
-                             [DatasetSpec("shapes")], load_tokenizer("tests/golden/tokenizer"))
+    iterator = make_iterator(DataConfig.from_config(config), dataset_specs(config),
+                             load_tokenizer(config.data.tokenizer))
     batch = next(iterator)          # dict of numpy arrays, layout in packing.py
     metrics = iterator.metrics()    # data/skipped/<reason>, data/documents, data/pad_fraction, ...
     state = iterator.get_state()    # JSON-serialisable; iterator.set_state(state) resumes exactly
@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
+from nextstep_jax.configs import data_config, model_config
 from nextstep_jax.data.buckets import PIXELS_PER_TOKEN, bucket_grids
 from nextstep_jax.data.images import DEFAULT_MAX_PIXELS
 from nextstep_jax.data.packing import STAT_KEYS, PackedBatches, PackingOptions, PixelImages, TokenImages
@@ -47,26 +48,32 @@ class DatasetSpec:
     shapes_seed: int = 0  # shapes only: which synthetic dataset (the pipeline seed only orders it)
 
 
+_SECTION, _MODEL = data_config(), model_config()  # defaults of the config's data and model sections
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    seq_len: int = 8192
+    """One process's view of the data section (fields documented in ``configs.data_config``); build it from
+    the whole config with ``from_config``, which derives the model facts and the per-process batch."""
+
+    seq_len: int = _SECTION.seq_len
     batch_size: int = 1  # packed rows per process per step
-    image_input: str = "pixels"  # "pixels" (VAE in the train step) or "latents" (encode_latents cache)
-    image_size: int = 256
-    multi_aspect: bool = False  # aspect-ratio buckets; needs image_input="latents"
-    patch_size: int = 2
-    latent_channels: int = 16
-    max_images_per_row: int | None = None  # pixel batches: image slots per row (None: as many as fit)
-    caption_dropout: float = 0.3
-    edit_dropout: float = 0.2
-    document_masking: bool = True  # False = the official unmasked stream, for comparisons
+    image_input: str = _SECTION.image_input
+    image_size: int = _SECTION.image_size
+    multi_aspect: bool = _SECTION.multi_aspect
+    patch_size: int = _MODEL.latent_patch_size
+    latent_channels: int = _MODEL.latent_channels
+    max_images_per_row: int | None = _SECTION.max_images_per_row
+    caption_dropout: float = _SECTION.caption_dropout
+    edit_dropout: float = _SECTION.edit_dropout
+    document_masking: bool = _SECTION.document_masking
     max_pixels: int = DEFAULT_MAX_PIXELS
-    seed: int = 0
-    num_epochs: int | None = None  # None = repeat forever (training); 1 = one pass (evaluation)
-    num_workers: int = 0
-    worker_buffer_size: int = 2
-    read_threads: int = 2
-    read_buffer_size: int = 16
+    seed: int = _SECTION.seed
+    num_epochs: int | None = _SECTION.num_epochs
+    num_workers: int = _SECTION.num_workers
+    worker_buffer_size: int = _SECTION.worker_buffer_size
+    read_threads: int = _SECTION.read_threads
+    read_buffer_size: int = _SECTION.read_buffer_size
     shard_index: int | None = None  # None: jax.process_index()
     shard_count: int | None = None  # None: jax.process_count()
 
@@ -75,7 +82,7 @@ class DataConfig:
             raise ValueError(f"image_input must be one of {IMAGE_INPUTS}")
         if self.image_input == "pixels" and self.multi_aspect:
             raise ValueError("multi_aspect needs image_input='latents': pixel batches hold one image size "
-                             "(cache latents with `python -m nextstep_jax.data.encode_latents`)")
+                             "(cache latents with `python -m nextstep_jax.encode_latents`)")
         if self.seq_len < 1 or self.batch_size < 1:
             raise ValueError("seq_len and batch_size must be >= 1")
         bucket_grids(self.image_size, self.multi_aspect)  # validates image_size
@@ -85,6 +92,53 @@ class DataConfig:
             raise ValueError("set both shard_index and shard_count, or neither")
         if self.shard_count is not None and not 0 <= self.shard_index < self.shard_count:
             raise ValueError(f"shard_index {self.shard_index} not in [0, {self.shard_count})")
+
+    @classmethod
+    def from_config(cls, config, *, process_index: int | None = None, process_count: int | None = None
+                    ) -> "DataConfig":
+        """This process's DataConfig from a whole config (sections ``data``, ``model``, ``vae``).
+
+        ``data.batch_size`` counts packed rows over all processes and is split evenly over them (default:
+        the JAX processes); patch size and latent channels are the model's, and the VAE down factor times the
+        patch size must be the pixels per token the image buckets are cut to.
+        """
+        if (process_index is None) != (process_count is None):
+            raise ValueError("give both process_index and process_count, or neither")
+        if process_count is None:
+            import jax
+
+            process_index, process_count = jax.process_index(), jax.process_count()
+        data, model, vae = config.data, config.model, config.vae
+        if data.batch_size % process_count:
+            raise ValueError(f"data.batch_size={data.batch_size} packed rows per step do not split evenly over "
+                             f"{process_count} processes")
+        if model.latent_channels != vae.z_channels:
+            raise ValueError(f"model.latent_channels={model.latent_channels} but vae.z_channels={vae.z_channels}")
+        # The encoder halves the resolution at every ch_mult level after the first (models/vae.py).
+        pixels_per_token = 2 ** (len(vae.ch_mult) - 1) * model.latent_patch_size
+        if pixels_per_token != PIXELS_PER_TOKEN:
+            raise ValueError(f"vae.ch_mult={tuple(vae.ch_mult)} and model.latent_patch_size="
+                             f"{model.latent_patch_size} give {pixels_per_token} pixels per image token; the "
+                             f"data pipeline's image buckets are cut in {PIXELS_PER_TOKEN}-pixel tokens")
+        fields = {f.name for f in dataclasses.fields(cls)} - {"batch_size", "patch_size", "latent_channels",
+                                                               "max_pixels", "shard_index", "shard_count"}
+        return cls(**{name: data[name] for name in fields}, batch_size=data.batch_size // process_count,
+                   patch_size=model.latent_patch_size, latent_channels=model.latent_channels,
+                   max_pixels=DEFAULT_MAX_PIXELS if data.max_pixels is None else data.max_pixels,
+                   shard_index=process_index, shard_count=process_count)
+
+
+def dataset_specs(config) -> list[DatasetSpec]:
+    """The DatasetSpecs of ``config.data.datasets`` (each a dict of DatasetSpec fields)."""
+    known = {f.name for f in dataclasses.fields(DatasetSpec)}
+    specs = []
+    for i, entry in enumerate(config.data.datasets):
+        entry = dict(entry)
+        unknown = set(entry) - known
+        if "source" not in entry or unknown:
+            raise ValueError(f"data.datasets[{i}]={entry}: needs 'source' and only the fields {sorted(known)}")
+        specs.append(DatasetSpec(**entry))
+    return specs
 
 
 def image_slots(config: DataConfig) -> int:

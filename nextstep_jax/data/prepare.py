@@ -24,7 +24,7 @@ import numpy as np
 from nextstep_jax.data import images as image_ops
 from nextstep_jax.data.samples import BadSample, LatentImage, Sample, Skipped, check_structure
 from nextstep_jax.data.sequence import ImagePart, TokenLayout, layout_document
-from nextstep_jax.models.latents import patchify
+from nextstep_jax.latents import patchify
 
 IMAGE_INPUTS = ("pixels", "latents")
 
@@ -121,7 +121,7 @@ class PrepareDocument(grain.transforms.RandomMap):
         if opts.image_input == "latents":
             if not isinstance(image, LatentImage):
                 raise ValueError("pipeline expects latents but a sample has pixels; run "
-                                 "`python -m nextstep_jax.data.encode_latents` or use image_input='pixels'")
+                                 "`python -m nextstep_jax.encode_latents` or use image_input='pixels'")
             h, w, c = image.latent.shape
             if c != opts.latent_channels:
                 raise ValueError(f"cached latent has {c} channels, config says {opts.latent_channels}")

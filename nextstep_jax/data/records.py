@@ -7,12 +7,14 @@ after EXIF rotation) or ``{"latent": {"offset", "length", "dtype", "shape"}}`` (
 [H/8, W/8, C]); offsets index the payload. Shards are written with ``group_size:1`` (true random access)
 and no compression (payloads are already compressed images or float latents).
 
-``meta.json`` lists the shards in order with their record counts; it is written last, so a directory
-without it is an incomplete build.
+``meta.json`` lists the shards in order with their record counts. A build is written into a hidden folder
+beside its destination and renamed into place only when complete (``nextstep_jax.io.atomic``): a failed or
+interrupted build leaves nothing behind, and files get the ordinary umask-derived modes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 from pathlib import Path
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from nextstep_jax.data.samples import BadSample, EncodedImage, LatentImage, PixelImage, Sample
+from nextstep_jax.io.atomic import atomic_folder
 
 MAGIC = b"NSJ1"
 FORMAT = "nextstep_jax.records/1"
@@ -93,7 +96,8 @@ def _slice(payload: memoryview, meta: dict) -> memoryview:
 
 
 class RecordWriter:
-    """Writes samples in order into ``out_dir/records-NNNNN.array_record`` shards, then ``meta.json``.
+    """Writes samples in order into ``out_dir/records-NNNNN.array_record`` shards, then ``meta.json``;
+    ``out_dir`` (absent or empty) appears on ``close``, complete.
 
     Output bytes depend only on the samples and ``records_per_shard`` (no timestamps, no randomness).
     """
@@ -105,9 +109,11 @@ class RecordWriter:
             raise ValueError("records_per_shard must be >= 1")
         self._writer_cls = ArrayRecordWriter
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        if any(self.out_dir.iterdir()):
+        if self.out_dir.exists() and (not self.out_dir.is_dir() or any(self.out_dir.iterdir())):
             raise FileExistsError(f"{self.out_dir} is not empty; refusing to mix two builds")
+        self._publish = contextlib.ExitStack()
+        # overwrite: an empty out_dir (checked above) is replaced by the finished build.
+        self._folder = self._publish.enter_context(atomic_folder(self.out_dir, overwrite=True))
         self._per_shard = records_per_shard
         self._shards: list[dict] = []
         self._writer = None
@@ -124,24 +130,29 @@ class RecordWriter:
         if self._writer is not None:
             self._writer.close()
         name = f"records-{len(self._shards):05d}.array_record"
-        self._writer = self._writer_cls(str(self.out_dir / name), WRITER_OPTIONS)
+        self._writer = self._writer_cls(str(self._folder / name), WRITER_OPTIONS)
         self._shards.append({"file": name, "num_records": 0})
 
     def close(self) -> None:
+        """Finish the last shard, write ``meta.json`` and publish ``out_dir``."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
         meta = {"format": FORMAT, "num_records": self.num_written, "shards": self._shards}
-        (self.out_dir / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        (self._folder / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        self._publish.close()
 
     def __enter__(self) -> "RecordWriter":
         return self
 
-    def __exit__(self, exc_type, *_) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        elif self._writer is not None:
+            return
+        if self._writer is not None:
             self._writer.close()
+            self._writer = None
+        self._publish.__exit__(exc_type, exc, tb)  # deletes the unfinished folder
 
 
 def shard_paths(records_dir: str | Path) -> list[str]:

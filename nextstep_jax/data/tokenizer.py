@@ -7,6 +7,9 @@ added: the NextStep-1 tokenizer has none (REFERENCE §7.3).
 
 Tokenizers are picklable for Grain worker processes: they carry their serialised model and rebuild the
 native object lazily in each process.
+
+``load_tokenizer("builtin:bytes")`` builds a byte-level tokenizer that needs no files and no training (every
+UTF-8 byte is one token, the special tokens follow at ids 256...): small models trained from scratch use it.
 """
 
 from __future__ import annotations
@@ -57,7 +60,17 @@ class HFTokenizer(_LazyNative):
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
-        self._json = path.read_text()
+        self._init(path.read_text())
+
+    @classmethod
+    def from_json(cls, text: str) -> "HFTokenizer":
+        """From the text of a ``tokenizer.json``."""
+        tokenizer = cls.__new__(cls)
+        tokenizer._init(text)
+        return tokenizer
+
+    def _init(self, text: str) -> None:
+        self._json = text
         self.special = SpecialIds(**{k: self._special_id(v) for k, v in SPECIAL_TOKENS.items()})
 
     def _tok(self):
@@ -134,10 +147,27 @@ class SentencePieceTokenizer(_LazyNative):
 
 
 Tokenizer = HFTokenizer | SentencePieceTokenizer
+BYTE_LEVEL = "builtin:bytes"
+
+
+def byte_level_tokenizer() -> HFTokenizer:
+    """Byte-level BPE without merges: ids 0-255 are the 256 byte symbols, the special tokens follow (256...) in
+    ``SPECIAL_TOKENS`` order."""
+    from tokenizers import Tokenizer as Native
+    from tokenizers import decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    native = Native(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    native.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    native.decoder = decoders.ByteLevel()
+    native.add_special_tokens(list(SPECIAL_TOKENS.values()))
+    return HFTokenizer.from_json(native.to_str())
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A directory with tokenizer.json or tokenizer.model, or the file itself."""
+    """A directory with tokenizer.json or tokenizer.model, the file itself, or ``BYTE_LEVEL``."""
+    if str(path) == BYTE_LEVEL:
+        return byte_level_tokenizer()
     path = Path(path)
     if path.is_dir():
         for name, cls in (("tokenizer.json", HFTokenizer), ("tokenizer.model", SentencePieceTokenizer)):

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from nextstep_jax.models.attention import dot_product_attention, update_cache
-from nextstep_jax.models.layers import MLP, RMSNorm, apply_rope, as_dtype, normal_init, partitioned, rope_tables
+from nextstep_jax.models.layers import MLP, Projection, RMSNorm, apply_rope, as_dtype, rope_tables
+from nextstep_jax.sharding import constrain
 
 REMAT_POLICIES = {
     "full": None,
@@ -36,9 +37,7 @@ class Attention(nn.Module):
         dtype = as_dtype(cfg.dtype)
 
         def proj(heads, names, name):
-            return nn.DenseGeneral((*heads, cfg.head_dim), use_bias=cfg.attention_bias, dtype=dtype,
-                                   param_dtype=jnp.float32, kernel_init=partitioned(normal_init(), names),
-                                   bias_init=partitioned(nn.initializers.zeros, names[1:]), name=name)
+            return Projection((*heads, cfg.head_dim), names, use_bias=cfg.attention_bias, dtype=dtype, name=name)
 
         if cfg.fused_qkv:
             # Grouped by kv head, [G query heads, k, v], so sharding kv_heads keeps each group on one shard.
@@ -50,21 +49,19 @@ class Attention(nn.Module):
             q = proj((cfg.num_heads,), ("embed", "heads", "head_dim"), "q_proj")(x)
             k = proj((cfg.num_kv_heads,), ("embed", "kv_heads", "head_dim"), "k_proj")(x)
             v = proj((cfg.num_kv_heads,), ("embed", "kv_heads", "head_dim"), "v_proj")(x)
-        q = nn.with_logical_constraint(apply_rope(q, cos, sin), _ACT_HEADS)
+        q = constrain(apply_rope(q, cos, sin), _ACT_HEADS)
         # Heads-major keys/values, the layout of the cache and of attention's inputs.
-        k = nn.with_logical_constraint(apply_rope(k, cos, sin).transpose(0, 2, 1, 3), _ACT_KV)
-        v = nn.with_logical_constraint(v.transpose(0, 2, 1, 3), _ACT_KV)
+        k = constrain(apply_rope(k, cos, sin).transpose(0, 2, 1, 3), _ACT_KV)
+        v = constrain(v.transpose(0, 2, 1, 3), _ACT_KV)
         new_cache = None
         if layer_cache is not None:
             k, v = update_cache(layer_cache["k"], layer_cache["v"], k, v, cache_index)
             new_cache = {"k": k, "v": v}
         out = dot_product_attention(q, k, v, mask, impl=cfg.attention_impl)
-        out = nn.with_logical_constraint(out, _ACT_HEADS)
-        out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=cfg.o_attention_bias, dtype=dtype,
-                              param_dtype=jnp.float32,
-                              kernel_init=partitioned(normal_init(), ("heads", "head_dim", "embed")),
-                              bias_init=partitioned(nn.initializers.zeros, ("embed",)), name="o_proj")(out)
-        return out, new_cache
+        out = constrain(out, _ACT_HEADS)
+        out = Projection((cfg.hidden_size,), ("heads", "head_dim", "embed"), in_axes=2,
+                         use_bias=cfg.o_attention_bias, dtype=dtype, name="o_proj")(out)
+        return constrain(out, _ACT), new_cache
 
 
 class DecoderLayer(nn.Module):
@@ -73,14 +70,14 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, cos, sin, mask, layer_cache, cache_index):
         cfg = self.cfg
-        x = nn.with_logical_constraint(x, _ACT)
+        x = constrain(x, _ACT)
         h, new_cache = Attention(cfg, name="self_attn")(
             RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x), cos, sin, mask, layer_cache, cache_index)
         x = x + h
         h = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, dtype=as_dtype(cfg.dtype),
                 fused=cfg.fused_mlp, name="mlp")(
             RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")(x))
-        return nn.with_logical_constraint(x + h, _ACT), new_cache
+        return constrain(x + h, _ACT), new_cache
 
 
 class Backbone(nn.Module):

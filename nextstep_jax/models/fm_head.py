@@ -1,8 +1,8 @@
-"""Flow-matching head of NextStep-1 (REFERENCE §5): the `SimpleMLPAdaLN` network, its training loss and its
-samplers (the released SDE sampler, the NextStep-1.1 grid, and a plain Euler ODE).
+"""Flow-matching head of NextStep-1 (REFERENCE §5): the `SimpleMLPAdaLN` network and its training loss; its
+samplers are in ``fm_sampler``.
 
-Numerics: params float32, matmuls in the compute dtype, LayerNorm statistics, the sinusoidal time features,
-the loss and the sampler state / score / drift / noise in float32 (ARCHITECTURE "Numerics policy").
+Numerics: params float32, matmuls in the compute dtype; LayerNorm statistics, the sinusoidal time features and
+the loss in float32.
 """
 
 from __future__ import annotations
@@ -13,14 +13,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 FREQ_DIM = 256
 MAX_PERIOD = 10000.0
 LN_EPS = 1e-6
-GRIDS = ("nextstep1", "nextstep1.1")
-METHODS = ("sde", "ode")
 
 VelocityFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 
@@ -135,7 +132,8 @@ class SimpleMLPAdaLN(nn.Module):
     (every block's and the final layer's adaLN shift/scale/gate: t and c, not x) and
     ``velocity_with_modulations(x, mods)`` (input_proj → blocks → final layer). ``velocity`` and ``__call__``
     are exactly their composition. While one token is sampled c is fixed and t runs over a static grid, so
-    a sampler can compute the modulations of all steps in one matmul per block (``sample_head``).
+    a sampler can compute the modulations of all steps in one matmul per block
+    (``fm_sampler.sample_head``).
     """
 
     token_dim: int = 64
@@ -202,136 +200,20 @@ def flow_matching_loss(net_fn: VelocityFn, target: jax.Array, c: jax.Array, mask
     u = jax.random.normal(k_u, (n,)) if u is None else u.astype(jnp.float32)
     if noise.shape != (n, d) or u.shape != (n,):
         raise ValueError(f"noise {noise.shape} / u {u.shape} must be {(n, d)} / {(n,)} (rows × batch_mul)")
-    t = 1 / (1 + jnp.exp(-u))  # official op order rather than jax.nn.sigmoid
-    x_t = t[:, None] * x1 + (1 - t[:, None]) * noise
-    v = net_fn(x_t, t, c).astype(jnp.float32)
-    per_row = jnp.mean((v - (x1 - noise)) ** 2, axis=-1)
+    per_row = flow_matching_errors(net_fn, x1, c, noise, u)
     if mask is None:
         return jnp.mean(per_row)
     mask = jnp.tile(mask.astype(jnp.float32), batch_mul)
     return jnp.sum(per_row * mask) / (jnp.sum(mask) + 1e-8)
 
 
-def _torch_linspace(start: float, stop: float, n: int) -> np.ndarray:
-    """float32 linspace with torch's CPU formula (first half from start, second half from stop)."""
-    start32, stop32 = np.float32(start), np.float32(stop)
-    if n == 1:
-        return np.array([start32], np.float32)
-    step = (stop32 - start32) / np.float32(n - 1)
-    i = np.arange(n)
-    lo = start32 + step * i.astype(np.float32)
-    hi = stop32 - step * (n - 1 - i).astype(np.float32)
-    return np.where(i < n // 2, lo, hi).astype(np.float32)
-
-
-def timesteps(num_steps: int, timesteps_shift: float = 1.0, last_step_size: float = 0.04,
-              grid: str = "nextstep1") -> np.ndarray:
-    """The float32 time grid: N points ending at 1-δ (shifted) for "nextstep1" (a final δ step follows),
-    N+1 points ending at exactly 1 for "nextstep1.1"."""
-    if grid not in GRIDS:
-        raise ValueError(f"unknown grid {grid!r}; expected one of {GRIDS}")
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    s = timesteps_shift
-    if grid == "nextstep1":
-        tau = _torch_linspace(0.0, 1.0 - last_step_size, num_steps)
-        return (tau / (s - (s - 1) * tau)).astype(np.float32)
-    tau = _torch_linspace(0.0, 1.0, num_steps + 1)[:-1]
-    return np.append(tau / (s - (s - 1) * tau), np.float32(1.0)).astype(np.float32)
-
-
-def num_noise_draws(num_steps: int, grid: str = "nextstep1", method: str = "sde") -> int:
-    """Gaussian draws per sample() call, in the reference's call order (draw 0 = initial noise)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    if method == "ode":
-        return 1
-    return num_steps if grid == "nextstep1" else num_steps + 1
-
-
-def draw_noise(key: jax.Array, num_draws: int, batch: int, token_dim: int, noise_repeat: int = 1) -> jax.Array:
-    """[num_draws, batch, token_dim] float32; each draw has ``noise_repeat`` rows tiled as [r0..rk-1, r0..]."""
-    _check_repeat(batch, noise_repeat)
-    raw = jax.random.normal(key, (num_draws, noise_repeat, token_dim), jnp.float32)
-    return jnp.tile(raw, (1, batch // noise_repeat, 1))
-
-
-def _check_repeat(batch: int, noise_repeat: int) -> None:
-    if noise_repeat < 1 or batch % noise_repeat:
-        raise ValueError(f"batch size {batch} must be divisible by noise_repeat {noise_repeat}")
-
-
-def cfg_combine(v: jax.Array, cfg_mult: int, cfg=1.0, cfg_img=1.0) -> jax.Array:
-    """Guided velocity from rows [cond; uncond] (2) or [cond; uncond1; uncond2] (3) (REFERENCE §5.4)."""
-    if cfg_mult == 1:
-        return v
-    if cfg_mult == 2:
-        cond, uncond = jnp.split(v, 2)
-        return uncond + cfg * (cond - uncond)
-    if cfg_mult == 3:
-        cond, uncond1, uncond2 = jnp.split(v, 3)
-        return uncond2 + cfg_img * (uncond1 - uncond2) + cfg * (cond - uncond1)
-    raise ValueError(f"cfg_mult must be 1, 2 or 3, got {cfg_mult}")
-
-
-def sample(velocity_fn: VelocityFn, cond: Any, *, cfg_mult: int, cfg=1.0, cfg_img=1.0, num_steps: int,
-           timesteps_shift: float = 1.0, last_step_size: float = 0.04, grid: str = "nextstep1",
-           method: str = "sde", noise_repeat: int = 1, key: jax.Array | None = None,
-           noises: jax.Array | None = None, compute_dtype: Any = jnp.float32, token_dim: int = 64) -> jax.Array:
-    """Sample one token per row group: returns float32 [B, token_dim], B = rows(cond) / cfg_mult.
-
-    ``velocity_fn(x, t, cond)`` gets x [B·cfg_mult, D] and t [B·cfg_mult] already cast to ``compute_dtype``
-    (the released sampler rounds t to bf16) and ``cond`` unchanged (e.g. the precomputed condition
-    embedding). ``cfg``/``cfg_img`` may be traced; everything else is static. Noise comes from ``key`` or
-    from ``noises`` [num_noise_draws(...), B, D] (draw 0 = initial noise).
-    """
-    if cfg_mult not in (1, 2, 3):
-        raise ValueError(f"cfg_mult must be 1, 2 or 3, got {cfg_mult}")
-    rows = jax.tree.leaves(cond)[0].shape[0]
-    if rows % cfg_mult:
-        raise ValueError(f"{rows} condition rows are not divisible by cfg_mult {cfg_mult}")
-    batch = rows // cfg_mult
-    ts = timesteps(num_steps, timesteps_shift, last_step_size, grid)
-    n_draws = num_noise_draws(num_steps, grid, method)
-    _check_repeat(batch, noise_repeat)
-    if noises is None:
-        if key is None:
-            raise ValueError("sample needs `key` or `noises`")
-        noises = draw_noise(key, n_draws, batch, token_dim, noise_repeat)
-    elif noises.shape != (n_draws, batch, token_dim):
-        raise ValueError(f"noises must have shape {(n_draws, batch, token_dim)}, got {noises.shape}")
-    noises = jnp.asarray(noises, jnp.float32)
-    ts_j = jnp.asarray(ts)
-    dts = jnp.asarray(ts[1:] - ts[:-1])
-
-    def guided_v(x, ti):
-        xin = jnp.concatenate([x] * cfg_mult).astype(compute_dtype)
-        tin = jnp.full((rows,), ti, jnp.float32).astype(compute_dtype)
-        v = velocity_fn(xin, tin, cond).astype(jnp.float32)
-        return cfg_combine(v, cfg_mult, cfg, cfg_img)
-
-    def step(i, x):
-        ti, dt = ts_j[i], dts[i]
-        v = guided_v(x, ti)
-        if method == "ode":
-            return x + v * dt
-        # Official op order (FlowMatchingHead.sample): score with var = (1-t)^2 + t(1-t), then drift.
-        score = (ti * v - x) / ((1 - ti) ** 2 + ti * (1 - ti))
-        drift = v + (1 - ti) * score
-        return x + drift * dt + jnp.sqrt(2 * (1 - ti)) * (noises[i + 1] * jnp.sqrt(dt))
-
-    x = jax.lax.fori_loop(0, len(ts) - 1, step, noises[0])
-    if grid == "nextstep1":
-        # Fixed-size terminal Euler step: ends at t = ts[-1] + δ (< 1 for shift != 1, §14 #4).
-        x = x + guided_v(x, ts_j[-1]) * jnp.float32(last_step_size)
-    return x
-
-
-def eval_times(num_steps: int, timesteps_shift: float = 1.0, last_step_size: float = 0.04,
-               grid: str = "nextstep1") -> np.ndarray:
-    """The t values (float32) at which ``sample`` evaluates the network, in order."""
-    ts = timesteps(num_steps, timesteps_shift, last_step_size, grid)
-    return ts if grid == "nextstep1" else ts[:-1]
+def flow_matching_errors(net_fn: VelocityFn, x1: jax.Array, c: jax.Array, noise: jax.Array,
+                         u: jax.Array) -> jax.Array:
+    """Per-row float32 squared velocity error mean_d (v(x_t, t, c) - (x1 - noise))², t = sigmoid(u)."""
+    t = 1 / (1 + jnp.exp(-u))  # official op order rather than jax.nn.sigmoid
+    x_t = t[:, None] * x1 + (1 - t[:, None]) * noise
+    v = net_fn(x_t, t, c).astype(jnp.float32)
+    return jnp.mean((v - (x1 - noise)) ** 2, axis=-1)
 
 
 def head_module(head_params, dtype: Any = jnp.float32) -> SimpleMLPAdaLN:
@@ -340,38 +222,3 @@ def head_module(head_params, dtype: Any = jnp.float32) -> SimpleMLPAdaLN:
     return SimpleMLPAdaLN(token_dim=head_params["final_layer"]["linear"]["kernel"].shape[-1], dim=dim,
                           num_layers=sum(1 for k in head_params if k.startswith("res_blocks_")),
                           mlp_ratio=head_params["res_blocks_0"]["mlp_0"]["kernel"].shape[-1] / dim, dtype=dtype)
-
-
-def sample_head(module: SimpleMLPAdaLN, params, c: jax.Array, *, precompute_modulations: bool = True,
-                **kwargs) -> jax.Array:
-    """``sample`` with the head network in its compute dtype for conditions c [rows, cond_dim]; ``kwargs``
-    are those of ``sample``. The condition embedding is computed once, outside the step loop.
-
-    With ``precompute_modulations`` (default) every step's adaLN modulations — about 60% of the head's
-    weights — are computed before the loop in one [steps·rows]-row matmul per block, and each step only
-    streams input_proj, the block MLPs and the final linear layer. Same ops, same dtypes: the result is
-    identical to evaluating the full network at every step (``precompute_modulations=False``).
-    """
-    c_emb = module.apply(params, c, method=module.embed_condition)
-    sample_kw = dict(token_dim=module.token_dim, compute_dtype=module.dtype, **kwargs)
-    if not precompute_modulations:
-        def velocity_fn(x, t, ce):
-            return module.apply(params, x, t, ce, method=module.velocity)
-
-        return sample(velocity_fn, c_emb, **sample_kw)
-
-    dtype = jnp.dtype(module.dtype)
-    grid_kw = {k: kwargs[k] for k in ("timesteps_shift", "last_step_size", "grid") if k in kwargs}
-    # sample() feeds t rounded to the compute dtype: the table is built from, and looked up by, those values.
-    # Grid points that round to the same value have identical modulations, so any match is the right one.
-    t_keys = jnp.asarray(eval_times(kwargs["num_steps"], **grid_kw)).astype(dtype)
-    table = module.apply(params, t_keys[:, None], c_emb, method=module.modulations)  # [steps, rows, ·]
-
-    def velocity_fn(x, t, cond):
-        tab = cond[1]
-        index = jnp.argmax(t_keys == t[0])
-        mods = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, 0, keepdims=False), tab)
-        return module.apply(params, x, mods, method=module.velocity_with_modulations)
-
-    # c_emb leads the pytree: sample() counts rows from its first leaf.
-    return sample(velocity_fn, (c_emb, table), **sample_kw)

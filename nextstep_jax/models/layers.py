@@ -1,4 +1,5 @@
-"""Building blocks of the Qwen2-style backbone: RMSNorm, rotary embedding, SwiGLU MLP, dtype helpers."""
+"""Building blocks of the Qwen2-style backbone: projections, RMSNorm, rotary embedding, SwiGLU MLP, dtype
+helpers."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+from nextstep_jax.sharding import constrain
 
 Dtype = Any
 
@@ -21,6 +24,37 @@ def partitioned(init, names: tuple[str | None, ...]):
 
 def normal_init(stddev: float = 0.02):
     return nn.initializers.normal(stddev)
+
+
+class Projection(nn.Module):
+    """``x [..., *in_shape] -> [..., *features]`` contracting the last ``len(in_shape)`` axes of x.
+
+    The kernel is created in its real shape ``in_shape + features`` with one logical name per axis
+    (``names``; the bias takes the names of ``features``). ``nn.DenseGeneral`` initialises a flattened
+    2-D kernel instead, which a live rank-3 sharding constraint rejects. Same values as DenseGeneral for
+    the same key (the normal initialiser fills row-major either way) and the same param names.
+    """
+
+    features: tuple[int, ...]
+    names: tuple[str | None, ...]
+    in_axes: int = 1
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        in_shape = x.shape[-self.in_axes:]
+        kernel = self.param("kernel", partitioned(normal_init(), self.names), (*in_shape, *self.features),
+                            self.param_dtype)
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                                ((tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes))),
+                                 ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", partitioned(nn.initializers.zeros, self.names[self.in_axes:]),
+                              self.features, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
 
 
 class RMSNorm(nn.Module):
@@ -67,16 +101,15 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         def dense(features, names, name):
-            return nn.DenseGeneral(features, use_bias=self.use_bias, dtype=self.dtype,
-                                   param_dtype=self.param_dtype, kernel_init=partitioned(normal_init(), names),
-                                   bias_init=partitioned(nn.initializers.zeros, names[1:]), name=name)
+            return Projection(features, names, use_bias=self.use_bias, dtype=self.dtype,
+                              param_dtype=self.param_dtype, name=name)
 
+        act_mlp = ("activation_batch", "activation_length", "activation_mlp")
         if self.fused:
             gate_up = dense((2, self.intermediate_size), ("embed", "gate_up", "mlp"), "gate_up_proj")(x)
             gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
         else:
-            gate = dense(self.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
-            up = dense(self.intermediate_size, ("embed", "mlp"), "up_proj")(x)
-        h = nn.with_logical_constraint(nn.silu(gate) * up, ("activation_batch", "activation_length",
-                                                            "activation_mlp"))
-        return dense(self.hidden_size, ("mlp", "embed"), "down_proj")(h)
+            gate = dense((self.intermediate_size,), ("embed", "mlp"), "gate_proj")(x)
+            up = dense((self.intermediate_size,), ("embed", "mlp"), "up_proj")(x)
+        h = constrain(nn.silu(constrain(gate, act_mlp)) * constrain(up, act_mlp), act_mlp)
+        return dense((self.hidden_size,), ("mlp", "embed"), "down_proj")(h)

@@ -14,8 +14,9 @@ from flax import linen as nn
 
 from nextstep_jax.models.attention import attention_mask
 from nextstep_jax.models.backbone import Backbone
-from nextstep_jax.models.fm_head import SimpleMLPAdaLN, flow_matching_loss
+from nextstep_jax.models.fm_head import SimpleMLPAdaLN, flow_matching_errors
 from nextstep_jax.models.layers import as_dtype, normal_init, partitioned
+from nextstep_jax.sharding import constrain
 
 IGNORE_INDEX = -100
 
@@ -31,14 +32,6 @@ def scatter_image_tokens(input_ids: jnp.ndarray, tokens: jnp.ndarray, placeholde
     index = jnp.clip(jnp.cumsum(is_ph) - 1, 0, tokens.shape[0] - 1)
     placed = jnp.where(is_ph[:, None], tokens[index], 0)
     return placed.reshape(*input_ids.shape, tokens.shape[-1])
-
-
-def _select_rows(mask: jnp.ndarray, num_rows: int | None) -> jnp.ndarray:
-    """Indices of the True entries of flat ``mask`` (row-major), padded to a static ``num_rows``; all
-    positions when ``num_rows`` is None."""
-    if num_rows is None:
-        return jnp.arange(mask.shape[0])
-    return jnp.nonzero(mask, size=num_rows, fill_value=0)[0]
 
 
 class NextStep(nn.Module):
@@ -71,9 +64,10 @@ class NextStep(nn.Module):
         # Gather rows first, then cast: never cast the whole vocabulary table.
         text = jnp.take(self.embed_tokens.embedding, input_ids, axis=0).astype(dtype)
         if image_tokens is None:
-            return text
+            return constrain(text, (*_ACT, "activation_embed"))
         image = self.image_in_projector(image_tokens.astype(dtype))
-        return jnp.where((input_ids == self.cfg.image_placeholder_id)[..., None], image, text)
+        return constrain(jnp.where((input_ids == self.cfg.image_placeholder_id)[..., None], image, text),
+                         (*_ACT, "activation_embed"))
 
     def logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
         """float32 LM logits."""
@@ -128,54 +122,156 @@ class NextStep(nn.Module):
 
     # ------------------------------------------------------------------------------------------- loss
     def loss(self, input_ids, labels, image_tokens=None, image_loss_mask=None, attention_mask_2d=None,
-             segment_ids=None, positions=None, *, rng=None, fm_noise=None, fm_u=None, lm_rows=None,
-             fm_rows=None):
+             segment_ids=None, positions=None, *, rng=None, fm_noise=None, fm_u=None, totals=None):
         """Joint loss ``lm_loss_weight·CE + im_loss_weight·FM`` (REFERENCE §6) -> (loss, metrics).
 
         Position i predicts token i+1: LM cross-entropy where token i+1 is text and ``labels[i+1]`` !=
         -100; flow matching where token i+1 is an image placeholder, with target ``image_tokens[i+1]`` and
         weight ``image_loss_mask[i+1]`` (default 1). Pairs that straddle two packed documents are skipped.
-        ``lm_rows``/``fm_rows`` optionally cap the rows gathered for each head to a static count (rows are
-        taken in row-major order; the FM noise/u rows follow that order, tiled ``fm_head_batch_mul`` times).
         An empty LM or FM selection contributes 0 (text-only and image-only batches are both valid).
+
+        Both heads run on every position with zero weight where a pair does not count, so the batch stays
+        sharded (no gather over the flattened batch), in sequence chunks of ``loss_chunk_size`` under a
+        rematerialised scan, so the vocabulary logits and head activations of one chunk exist at a time.
+
+        FM noise and u: drawn from ``rng`` (one key, or one key per row: then a row's draws do not depend on
+        which rows share its batch), or injected in the reference's order: ``fm_noise`` [N·batch_mul, D]
+        and ``fm_u`` [N·batch_mul] for the first N image targets in row-major order, tiled ``batch_mul``
+        times as whole blocks (targets beyond N get weight 0). ``totals`` (``loss_counts`` of a larger
+        batch this one is a microbatch of) replaces this batch's own LM/FM counts as the denominators, so
+        microbatch losses add up to the loss of the whole batch.
         """
         cfg = self.cfg
         hidden = self(input_ids, image_tokens, attention_mask_2d, segment_ids, positions)
-        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-        ids_next = input_ids[:, 1:].reshape(-1)
-        same_doc = jnp.ones_like(ids_next, bool)
-        if segment_ids is not None:
-            same_doc = ((segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)).reshape(-1)
-        if attention_mask_2d is not None:
-            same_doc &= attention_mask_2d[:, 1:].reshape(-1).astype(bool)
-        is_img_next = (ids_next == cfg.image_placeholder_id) & same_doc
-
-        labels_next = labels[:, 1:].reshape(-1)
-        lm_mask = ~is_img_next & same_doc & (labels_next != IGNORE_INDEX)
-        rows = _select_rows(lm_mask, lm_rows)
-        logits = self.logits(h[rows])
-        target = jnp.clip(labels_next[rows], 0, cfg.vocab_size - 1)
-        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), target[:, None], axis=-1)[:, 0]
-        weight = lm_mask[rows].astype(jnp.float32)
-        lm_count = jnp.sum(weight)
-        lm_loss = jnp.sum(nll * weight) / jnp.maximum(lm_count, 1.0)
-
-        if image_tokens is None:
-            im_loss = jnp.float32(0.0)
-            im_count = jnp.float32(0.0)
-        else:
-            fm_weight = is_img_next.astype(jnp.float32)
-            if image_loss_mask is not None:
-                fm_weight *= image_loss_mask[:, 1:].reshape(-1).astype(jnp.float32)
-            rows = _select_rows(is_img_next, fm_rows)
-            x1 = image_tokens[:, 1:].reshape(-1, image_tokens.shape[-1])[rows]
-            c = self.condition(h[rows]) if cfg.loss_uses_out_projector else h[rows]
-            im_loss = flow_matching_loss(self.head_velocity, x1, c, fm_weight[rows],
-                                         batch_mul=cfg.fm_head_batch_mul, key=rng, noise=fm_noise, u=fm_u)
-            im_count = jnp.sum(fm_weight[rows])
+        pairs = _loss_pairs(cfg, input_ids, labels, image_loss_mask, attention_mask_2d, segment_ids)
+        xs = {"hidden": hidden, "lm_target": pairs["lm_target"], "lm_weight": pairs["lm_weight"]}
+        with_images = image_tokens is not None
+        if with_images:
+            xs.update(_fm_inputs(cfg, image_tokens, pairs, rng, fm_noise, fm_u))
+        sums = _chunked_sums(self, xs, cfg.loss_chunk_size, with_images)
+        counts = {"lm_tokens": jnp.sum(pairs["lm_weight"]),
+                  "image_tokens": jnp.sum(xs["fm_weight"]) if with_images else jnp.float32(0.0)}
+        if totals is not None:
+            counts = {k: jnp.asarray(totals[k], jnp.float32) for k in counts}
+        lm_loss = sums["lm"] / jnp.maximum(counts["lm_tokens"], 1.0)
+        im_loss = sums["fm"] / (cfg.fm_head_batch_mul * counts["image_tokens"] + 1e-8)
         loss = cfg.lm_loss_weight * lm_loss + cfg.im_loss_weight * im_loss
-        return loss, {"loss": loss, "lm_loss": lm_loss, "im_loss": im_loss, "lm_tokens": lm_count,
-                      "image_tokens": im_count}
+        return loss, {"loss": loss, "lm_loss": lm_loss, "im_loss": im_loss, **counts}
+
+
+def loss_counts(cfg, input_ids, labels, image_loss_mask=None, attention_mask_2d=None, segment_ids=None,
+                with_images: bool = True) -> dict:
+    """The LM and FM target counts ``NextStep.loss`` divides by (``totals`` for microbatches)."""
+    pairs = _loss_pairs(cfg, input_ids, labels, image_loss_mask, attention_mask_2d, segment_ids)
+    return {"lm_tokens": jnp.sum(pairs["lm_weight"]),
+            "image_tokens": jnp.sum(pairs["fm_weight"]) if with_images else jnp.float32(0.0)}
+
+
+_ACT = ("activation_batch", "activation_length")
+
+
+def _next(x: jnp.ndarray, fill) -> jnp.ndarray:
+    """x[:, i+1] at position i; ``fill`` at the last position (it predicts nothing)."""
+    pad = jnp.full((x.shape[0], 1, *x.shape[2:]), fill, x.dtype)
+    return jnp.concatenate([x[:, 1:], pad], axis=1)
+
+
+def _loss_pairs(cfg, input_ids, labels, image_loss_mask, attention_mask_2d, segment_ids) -> dict:
+    """Per position i of [B, T] (the pair i -> i+1): LM target and weight, FM weight, image-target flag."""
+    ids_next = _next(input_ids, cfg.pad_token_id)
+    valid = _next(jnp.ones(input_ids.shape, bool), False)
+    if segment_ids is not None:
+        seg_next = _next(segment_ids, 0)
+        valid &= (seg_next == segment_ids) & (seg_next > 0)
+    if attention_mask_2d is not None:
+        valid &= _next(attention_mask_2d.astype(bool), False)
+    is_image = (ids_next == cfg.image_placeholder_id) & valid
+    labels_next = _next(labels, IGNORE_INDEX)
+    lm_weight = (~is_image & valid & (labels_next != IGNORE_INDEX)).astype(jnp.float32)
+    fm_weight = is_image.astype(jnp.float32)
+    if image_loss_mask is not None:
+        fm_weight *= _next(image_loss_mask, 0).astype(jnp.float32)
+    return {"lm_target": constrain(jnp.clip(labels_next, 0, cfg.vocab_size - 1), _ACT),
+            "lm_weight": constrain(lm_weight, _ACT), "fm_weight": constrain(fm_weight, _ACT),
+            "is_image": is_image}
+
+
+def _fm_inputs(cfg, image_tokens, pairs, rng, fm_noise, fm_u) -> dict:
+    """FM targets x1 [B, T, D], weights [B, T], noise [B, T, batch_mul, D] and u [B, T, batch_mul]."""
+    b, t = pairs["is_image"].shape
+    mul, dim = cfg.fm_head_batch_mul, token_dim(cfg)
+    weight = pairs["fm_weight"]
+    if fm_noise is not None and fm_u is not None:
+        n = fm_noise.shape[0] // mul
+        if fm_noise.shape != (n * mul, dim) or fm_u.shape != (n * mul,):
+            raise ValueError(f"fm_noise {fm_noise.shape} / fm_u {fm_u.shape} must be {(n * mul, dim)} / "
+                             f"{(n * mul,)} (targets x fm_head_batch_mul={mul})")
+        rank = jnp.cumsum(pairs["is_image"].reshape(-1)).reshape(b, t) - 1
+        weight = jnp.where(rank < n, weight, 0.0)
+        index = jnp.clip(rank, 0, n - 1)[..., None] + n * jnp.arange(mul)
+        noise, u = fm_noise.astype(jnp.float32)[index], fm_u.astype(jnp.float32)[index]
+    elif rng is not None:
+        def draws(key):
+            k_noise, k_u = jax.random.split(key)
+            return (jax.random.normal(k_noise, (t, mul, dim), jnp.float32),
+                    jax.random.normal(k_u, (t, mul), jnp.float32))
+
+        noise, u = jax.vmap(draws)(_row_keys(rng, b))
+    else:
+        raise ValueError("NextStep.loss with image tokens needs `rng` unless both `fm_noise` and `fm_u` are given")
+    return {"x1": constrain(_next(image_tokens.astype(jnp.float32), 0.0), (*_ACT, None)),
+            "fm_weight": constrain(weight, _ACT), "noise": constrain(noise, (*_ACT, None, None)),
+            "u": constrain(u, (*_ACT, None))}
+
+
+def _row_keys(rng: jax.Array, rows: int) -> jax.Array:
+    """One key per row: ``rng`` itself when it already holds one per row, else fold_in(rng, row)."""
+    single_ndim = 0 if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else 1
+    if rng.ndim > single_ndim:
+        if rng.shape[0] != rows:
+            raise ValueError(f"rng holds {rng.shape[0]} row keys for a batch of {rows} rows")
+        return rng
+    return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(rows))
+
+
+def _chunk_sums(model: "NextStep", sums: dict, xs: dict, with_images: bool):
+    """Weighted LM negative log-likelihood and FM squared-error sums of one sequence chunk."""
+    cfg = model.cfg
+    h = constrain(xs["hidden"], (*_ACT, "activation_embed"))
+    logits = constrain(model.logits(h), (*_ACT, "activation_vocab"))
+    picked = jnp.take_along_axis(logits, xs["lm_target"][..., None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - picked
+    sums = {**sums, "lm": sums["lm"] + jnp.sum(nll * xs["lm_weight"])}
+    if with_images:
+        b, c, mul, dim = xs["noise"].shape
+        cond = model.condition(h) if cfg.loss_uses_out_projector else h
+        c_emb = model.image_head.embed_condition(cond.reshape(b * c, -1))
+        rows = lambda x: x.reshape(b * c * mul, *x.shape[3:])
+        c_emb = rows(jnp.broadcast_to(c_emb.reshape(b, c, 1, -1), (b, c, mul, c_emb.shape[-1])))
+        x1 = jax.lax.stop_gradient(jnp.broadcast_to(xs["x1"][:, :, None], (b, c, mul, dim)))
+        err = flow_matching_errors(lambda x, t, ce: model.image_head.velocity(x, t, ce), rows(x1), c_emb,
+                                   rows(xs["noise"]), rows(xs["u"]))
+        weight = jnp.broadcast_to(xs["fm_weight"][:, :, None], (b, c, mul))
+        sums = {**sums, "fm": sums["fm"] + jnp.sum(err * rows(weight))}
+    return sums, None
+
+
+def _chunked_sums(model: "NextStep", xs: dict, chunk: int, with_images: bool) -> dict:
+    """``_chunk_sums`` over [B, T] split into ceil(T / chunk) sequence chunks (zero-weight padding)."""
+    t = xs["hidden"].shape[1]
+    chunk = min(chunk, t)
+    n = -(-t // chunk)
+    if n * chunk != t:
+        xs = {k: jnp.pad(v, [(0, 0), (0, n * chunk - t)] + [(0, 0)] * (v.ndim - 2)) for k, v in xs.items()}
+    # [B, n·chunk, ...] -> [n, B, chunk, ...]: the scan walks chunks; each slice keeps the batch sharding.
+    xs = {k: jnp.moveaxis(v.reshape(v.shape[0], n, chunk, *v.shape[2:]), 1, 0) for k, v in xs.items()}
+    def body(mdl, sums, x):
+        return _chunk_sums(mdl, sums, x, with_images)
+
+    scan = nn.scan(nn.remat(body, prevent_cse=False), variable_broadcast="params", split_rngs={"params": False},
+                   length=n)
+    sums, _ = scan(model, {"lm": jnp.float32(0.0), "fm": jnp.float32(0.0)}, xs)
+    return sums
 
 
 def _init_inputs(cfg):

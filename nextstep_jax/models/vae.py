@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from nextstep_jax.models.latents import normalize_tokens, patchify, unpatchify
+from nextstep_jax.latents import normalize_tokens, patchify, unpatchify
 
 NUM_GROUPS = 32
 NORM_EPS = 1e-6

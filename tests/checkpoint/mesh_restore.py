@@ -5,12 +5,12 @@ import json
 import sys
 
 import jax
-import numpy as np
 from flax import traverse_util
+from mesh_loading import leaf_report
 
-from nextstep_jax.checkpoint.orbax_io import ItemReader
-from nextstep_jax.checkpoint.store import PARAMS_ITEM, abstract_params, restore_params
-from nextstep_jax.sharding import make_mesh, shardings_of
+from nextstep_jax.checkpoint.converted.orbax_items import ItemReader
+from nextstep_jax.checkpoint.converted.store import PARAMS_ITEM, restore_params
+from nextstep_jax.sharding import make_mesh
 
 
 def _whole_chunks(index: tuple[slice, ...], shape: tuple[int, ...], chunks: tuple[int, ...]) -> bool:
@@ -22,30 +22,17 @@ def _whole_chunks(index: tuple[slice, ...], shape: tuple[int, ...], chunks: tupl
     return True
 
 
-def check(path: str, mesh, scan_layers) -> dict:
-    cfg, sharded = restore_params(path, mesh, scan_layers=scan_layers)
-    _, single = restore_params(path, scan_layers=scan_layers)
-    expected = traverse_util.flatten_dict(shardings_of(abstract_params("nextstep", cfg), mesh))
-    sharded, single = traverse_util.flatten_dict(sharded), traverse_util.flatten_dict(single)
+def check(path: str, mesh) -> dict:
+    cfg, sharded = restore_params(path, mesh)
+    report = leaf_report("nextstep", cfg, sharded, restore_params(path)[1], mesh)
+    sharded = traverse_util.flatten_dict(sharded)
     item = ItemReader(f"{path}/{PARAMS_ITEM}")
-    report = {"leaves": len(sharded), "value_mismatch": [], "sharding_mismatch": [], "bad_shard_shape": [],
-              "foreign_chunks": [], "split_leaves": 0, "devices": jax.device_count()}
-    for p, array in sharded.items():
-        name = "/".join(p)
-        if not np.array_equal(np.asarray(array), np.asarray(single[p])):
-            report["value_mismatch"].append(name)
-        if array.sharding != expected[p]:
-            report["sharding_mismatch"].append(name)
-        shard_shape = array.sharding.shard_shape(array.shape)
-        if len(array.addressable_shards) != 8 or any(s.data.shape != shard_shape for s in array.addressable_shards):
-            report["bad_shard_shape"].append(name)
-        report["split_leaves"] += shard_shape != array.shape
-        if scan_layers is None:  # stored layout: the device regions must be unions of stored chunks
-            chunks = item.chunks(p)
-            if not all(_whole_chunks(i, array.shape, chunks) for i in array.sharding.devices_indices_map(array.shape).values()):
-                report["foreign_chunks"].append(name)
-    q = sharded[("backbone", "layers", "self_attn", "q_proj", "kernel")] if cfg.scan_layers else \
-        sharded[("backbone", "layers_0", "self_attn", "q_proj", "kernel")]
+    # The device regions must be unions of stored chunks.
+    report["foreign_chunks"] = [
+        "/".join(p) for p, array in sharded.items()
+        if not all(_whole_chunks(i, array.shape, item.chunks(p))
+                   for i in array.sharding.devices_indices_map(array.shape).values())]
+    q = sharded[("backbone", "layers", "self_attn", "q_proj", "kernel")]
     report["q_spec"] = [a if a is None or isinstance(a, str) else list(a) for a in q.sharding.spec]
     report["q_shape"], report["q_shard_shape"] = list(q.shape), list(q.sharding.shard_shape(q.shape))
     return report
@@ -53,8 +40,7 @@ def check(path: str, mesh, scan_layers) -> dict:
 
 def main(path: str) -> None:
     assert jax.device_count() == 8, jax.devices()
-    mesh = make_mesh({"fsdp": 4, "tensor": 2})
-    print(json.dumps({"stored": check(path, mesh, None), "per_layer": check(path, mesh, False)}))
+    print(json.dumps(check(path, make_mesh({"fsdp": 4, "tensor": 2}))))
 
 
 if __name__ == "__main__":

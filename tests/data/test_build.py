@@ -132,3 +132,41 @@ def test_exactly_one_input_mode(tmp_path, capsys):
         build.main(["--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit):
         build.main(["--text", "a", "--edits", "b", "--out", str(tmp_path / "x")])
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(folder, tmp_path, capsys):
+    root, _ = folder
+    missing = tmp_path / "no_captions.jsonl"
+    assert build.main(["--images", str(root), "--captions", str(missing), "--out", str(tmp_path / "o"),
+                       "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and str(missing) in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    assert build.main(["--text", str(missing), "--out", str(tmp_path / "full"), "--no-progress"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
+
+
+def test_images_damaged_near_their_start_are_skipped(tmp_path, images, capsys):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    damaged = images.damaged_near_start()
+    files = {"good.png": images.png(), **damaged}
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps({"file": f, "caption": "c"}) + "\n" for f in files))
+    summary = _run(["--images", root, "--captions", tmp_path / "captions.jsonl", "--out", tmp_path / "out"], capsys)
+    assert summary == {"written": 1, "skipped": len(damaged), "skipped_by_reason": {"decode_error": len(damaged)}}
+
+
+def test_an_input_with_no_usable_sample_is_an_error(folder, tmp_path, capsys):
+    root, _ = folder
+    captions = tmp_path / "captions.jsonl"
+    for argv, culprit in ((["--images", str(tmp_path / "imgz"), "--captions", str(captions)], str(tmp_path / "imgz")),
+                          (["--images", str(tmp_path), "--captions", str(captions)], str(captions))):
+        assert build.main([*argv, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith("error:") and culprit in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "o").exists()

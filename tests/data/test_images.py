@@ -66,10 +66,16 @@ def test_exif_orientation_applied(images):
 def test_bad_images_are_rejected_with_reasons(images):
     assert _reason(b"") == "empty_file"
     assert _reason(images.truncated_jpeg()) == "decode_error"
+    assert _reason(images.jpeg()[:100]) == "decode_error"  # cut inside its header: Image.open itself fails
     assert _reason(b"this is not an image at all") == "decode_error"
     assert _reason(images.png16()) == "unsupported_mode"
     assert _reason(images.encode(np.zeros((4, 4), np.float32), "TIFF")) == "unsupported_mode"
     assert _reason(images.encode(images.gradient(), "PPM")) == "unsupported_format"
+
+
+def test_images_damaged_near_their_start_are_decode_errors(images):
+    for name, data in images.damaged_near_start().items():
+        assert _reason(data) == "decode_error", name
 
 
 @pytest.mark.parametrize("maker", ["bomb_png", "bomb_jpeg"])

@@ -1,5 +1,5 @@
 """Two real JAX processes with the default per-process sharding see disjoint documents whose union is the
-dataset."""
+dataset, and each packs its share of the global batch."""
 
 import json
 import os
@@ -42,3 +42,5 @@ def test_two_processes_get_disjoint_shards_covering_the_dataset(golden_dir, tmp_
     assert not set(keys[0]) & set(keys[1])
     assert set(keys[0]) | set(keys[1]) == {f"doc{i}" for i in range(13)}
     assert len(keys[0]) + len(keys[1]) == 13
+    # data.batch_size=4 counts rows over both processes: 2 each, sharded by process index.
+    assert {o["process"]: o["from_config"] for o in outputs} == {0: [2, 0, 2], 1: [2, 1, 2]}

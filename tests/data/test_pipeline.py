@@ -1,5 +1,6 @@
 import json
 
+import ml_collections
 import numpy as np
 import pytest
 from absl import flags
@@ -7,8 +8,9 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 from grain.checkpoint import CheckpointHandler
 
-from nextstep_jax.data.pipeline import (DataConfig, DatasetSpec, batch_spec, image_slots, make_documents,
-                                        make_iterator)
+from nextstep_jax.configs import data_config, model_config, vae_config
+from nextstep_jax.data.pipeline import (DataConfig, DatasetSpec, batch_spec, dataset_specs, image_slots,
+                                        make_documents, make_iterator)
 from nextstep_jax.data.records import FORMAT, RecordWriter, encode_record
 from nextstep_jax.data.samples import SKIP_REASONS, EncodedImage, Sample
 from nextstep_jax.data.scorer import score
@@ -143,12 +145,14 @@ def test_bad_samples_are_skipped_and_counted(tokenizer, images, tmp_path):
         Sample("longtext", "text", ("word " * 300,)),
         Sample("twoimages", "t2i", ("x", good, good)),
     ]
+    damaged = images.damaged_near_start()
+    samples += [Sample(name, "t2i", ("x", EncodedImage(data))) for name, data in damaged.items()]
     records = _write_raw_records(tmp_path / "bad", [encode_record(s) for s in samples] + [b"not a record"])
     config = DataConfig(**(SMALL | dict(num_epochs=1)))
     it = make_iterator(config, [DatasetSpec(records)], tokenizer)
     batches = list(it)
     metrics = it.metrics()
-    expected = {"truncated": 1, "documents": 3, "skipped/decode_error": 1, "skipped/empty_file": 1,
+    expected = {"truncated": 1, "documents": 3, "skipped/decode_error": 1 + len(damaged), "skipped/empty_file": 1,
                 "skipped/decompression_bomb": 1, "skipped/unsupported_mode": 1, "skipped/missing_caption": 1,
                 "skipped/too_long": 1, "skipped/bad_structure": 1, "skipped/bad_record": 1}
     for reason in SKIP_REASONS:
@@ -178,3 +182,45 @@ def test_default_sharding_follows_jax_processes(tokenizer):
     config = DataConfig(**{k: v for k, v in SMALL.items() if not k.startswith("shard")}, num_epochs=1)
     spec = [DatasetSpec("shapes", num_samples=7)]
     assert sorted(_keys(config, spec, tokenizer)) == sorted(f"shapes/train/0/{i}" for i in range(7))
+
+
+def _whole_config(golden_dir, **data):
+    """The golden model's and VAE's latent facts, data section from the defaults plus ``data``."""
+    model = json.loads((golden_dir / "model" / "config.json").read_text())
+    vae = json.loads((golden_dir / "vae" / "config.json").read_text())
+    return ml_collections.ConfigDict(dict(
+        model=model_config(latent_patch_size=model["latent_patch_size"], latent_channels=model["latent_channels"]),
+        vae=vae_config(z_channels=vae["z_channels"], ch_mult=tuple(vae["ch_mult"])), data=data_config(**data)))
+
+
+def test_data_config_from_the_whole_config(golden_dir, tokenizer):
+    release = json.loads((golden_dir / "model" / "config.json").read_text())
+    section = {k: v for k, v in SMALL.items() if not k.startswith("shard")} | dict(batch_size=6)
+    config = _whole_config(golden_dir, **section, datasets=({"source": "shapes", "num_samples": 9},))
+    got = DataConfig.from_config(config, process_index=2, process_count=3)
+    assert (got.patch_size, got.latent_channels) == (release["latent_patch_size"], release["latent_channels"])
+    assert got.batch_size == 2 and (got.shard_index, got.shard_count) == (2, 3)  # 6 global rows / 3 processes
+    assert got == DataConfig(**(SMALL | dict(shard_index=2, shard_count=3, patch_size=release["latent_patch_size"],
+                                             latent_channels=release["latent_channels"])))
+    assert dataset_specs(config) == [DatasetSpec("shapes", num_samples=9)]
+    single = DataConfig.from_config(config)  # the JAX processes: one here
+    assert (single.batch_size, single.shard_index, single.shard_count) == (6, 0, 1)
+    _assert_same_batches([next(make_iterator(single, dataset_specs(config), tokenizer))],
+                         [next(make_iterator(DataConfig(**(SMALL | dict(batch_size=6))),
+                                             [DatasetSpec("shapes", num_samples=9)], tokenizer))])
+
+
+def test_data_config_from_config_errors(golden_dir):
+    config = _whole_config(golden_dir, batch_size=6, datasets=({"source": "shapes", "size": 3},))
+    with pytest.raises(ValueError, match=r"data.batch_size=6 .* 4 processes"):
+        DataConfig.from_config(config, process_index=0, process_count=4)
+    with pytest.raises(ValueError, match=r"data.datasets\[0\]"):
+        dataset_specs(config)
+    wrong = ml_collections.ConfigDict(config.to_dict())
+    wrong.vae.z_channels += 1
+    with pytest.raises(ValueError, match="vae.z_channels"):
+        DataConfig.from_config(wrong, process_index=0, process_count=1)
+    wrong = ml_collections.ConfigDict(config.to_dict())
+    wrong.vae.ch_mult = tuple(wrong.vae.ch_mult)[:-1]  # one halving less: 8 pixels per token
+    with pytest.raises(ValueError, match="pixels per image token"):
+        DataConfig.from_config(wrong, process_index=0, process_count=1)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from nextstep_jax.models.latents import patchify
+from nextstep_jax.latents import patchify
 from nextstep_jax.data.images import normalize
 from nextstep_jax.data.prepare import Document, PrepareDocument, PrepareOptions
 from nextstep_jax.data.samples import EncodedImage, LatentImage, PixelImage, Sample, Skipped

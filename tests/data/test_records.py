@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -78,3 +80,23 @@ def test_unfinished_build_is_rejected(tmp_path):
     (tmp_path / "records-00000.array_record").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="meta.json"):
         RecordSource(tmp_path)
+
+
+def test_a_build_appears_complete_or_not_at_all(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with pytest.raises(RuntimeError, match="input failed"):
+            with RecordWriter(tmp_path / "failed", records_per_shard=2) as writer:
+                for s in _samples():
+                    writer.write(s)
+                raise RuntimeError("input failed")
+        (tmp_path / "empty").mkdir()
+        with RecordWriter(tmp_path / "empty", records_per_shard=2) as writer:
+            writer.write(_samples()[0])
+            assert not any((tmp_path / "empty").iterdir())  # nothing visible until the build is complete
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # no leftovers of the failed build
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["meta.json", "records-00000.array_record"]
+    assert stat.S_IMODE((tmp_path / "empty").stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "empty").iterdir()} == {0o644}

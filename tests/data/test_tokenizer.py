@@ -6,7 +6,7 @@ import sentencepiece
 from tokenizers import Tokenizer as NativeTokenizer
 
 from nextstep_jax.data.sequence import area_prefix_ids
-from nextstep_jax.data.tokenizer import SPECIAL_TOKENS, HFTokenizer, SentencePieceTokenizer, load_tokenizer
+from nextstep_jax.data.tokenizer import BYTE_LEVEL, SPECIAL_TOKENS, HFTokenizer, SentencePieceTokenizer, load_tokenizer
 
 
 def test_special_ids_match_golden(tokenizer, golden_special_ids):
@@ -85,3 +85,15 @@ def test_added_tokens(sp_model, golden_dir):
     proc = sentencepiece.SentencePieceProcessor(model_file=str(sp_model / "tokenizer.model"))
     # The model defines only the structural symbols; the thinking/refinement ones are absent, not unk.
     assert sp.added_tokens() == {name: proc.piece_to_id(name) for name in SPECIAL_TOKENS.values()}
+
+
+def test_builtin_byte_level_tokenizer():
+    tok = load_tokenizer(BYTE_LEVEL)
+    assert [getattr(tok.special, name) for name in SPECIAL_TOKENS] == list(range(256, 256 + len(SPECIAL_TOKENS)))
+    assert tok.vocab_size == 256 + len(SPECIAL_TOKENS)
+    text = "a red circle, héllo 12*3 <|image_placeholder|>"
+    ids = tok.encode(text)
+    assert len(ids) == len(text.encode("utf-8")) and max(ids) < 256  # one token per byte, specials stay text
+    assert tok.decode(ids) == text
+    assert len(set(tok.encode(bytes(range(128)).decode("ascii")))) == 128
+    assert pickle.loads(pickle.dumps(tok)).encode(text) == ids

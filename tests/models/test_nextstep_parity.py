@@ -124,13 +124,12 @@ def test_training_loss_and_gradients(golden_model, load_case, golden_dir, dtype,
     model = NextStep(cfg)
     for p in prefixes:
         ids, latents = case[f"{p}_input_ids"], _latents(case, p)
-        num_rows = case[f"{p}_noise"].shape[0] // cfg.fm_head_batch_mul
         inputs = (jnp.asarray(ids), jnp.asarray(case[f"{p}_labels"]), image_tokens(cfg, ids, latents),
                   image_loss_mask(cfg, ids, latents, case[f"{p}_latents_mask"]))
 
         def loss_fn(v):
             return model.apply(v, *inputs, fm_noise=jnp.asarray(case[f"{p}_noise"]), fm_u=jnp.asarray(case[f"{p}_u"]),
-                               fm_rows=num_rows, method=NextStep.loss)
+                               method=NextStep.loss)
 
         (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables)
         for name in ("loss", "lm_loss", "im_loss"):

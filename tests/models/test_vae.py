@@ -11,11 +11,11 @@ import pytest
 from flax.linen import meta
 from numerics import assert_close_rel
 
-from nextstep_jax.checkpoint.load import load_vae
+from nextstep_jax.checkpoint import load_vae
 from nextstep_jax.checkpoint.mapping import vae_table
 from nextstep_jax.configs import vae_config
 from nextstep_jax.models import vae as V
-from nextstep_jax.models.latents import patchify
+from nextstep_jax.latents import patchify
 
 F32_TOL = 1e-4
 # bfloat16 keeps 8 significant bits (unit roundoff 2^-8 ≈ 4e-3 per rounding); accumulated over the ~40

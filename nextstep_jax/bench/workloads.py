@@ -1,0 +1,264 @@
+"""The benchmark workloads (README "Benchmarks"); ``python -m nextstep_jax.bench`` imports this after
+limiting threads.
+
+Times are medians over ``repeats`` runs after ``warmup`` runs, blocked on the results; ``compile_s`` is the
+first call minus that median. Machine limits are the best of several runs (noise only slows a run down).
+Weights are random and non-zero (the released init zeroes the adaLN and final layers).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from nextstep_jax.configs import model_config, vae_config
+from nextstep_jax.generation.generator import Generator
+from nextstep_jax.generation.prompts import PromptTokenizer
+from nextstep_jax.generation.settings import SamplingSettings
+from nextstep_jax.models.backbone import init_cache
+from nextstep_jax.models.fm_head import SimpleMLPAdaLN, head_module
+from nextstep_jax.models.fm_sampler import sample_head
+from nextstep_jax.models.layouts import for_decoding
+from nextstep_jax.models.nextstep import NextStep, init_variables
+from nextstep_jax.models.vae import AutoencoderKL
+
+IMAGE_MODULES = ("image_head", "image_in_projector", "image_out_projector")
+# What the Generator runs (models.layouts.for_decoding): layers unrolled, q/k/v and gate/up fused.
+GENERATION_LAYOUT = "unrolled_fused"
+
+
+def _timed(fn, warmup: int, repeats: int) -> tuple[float, float]:
+    """(first call seconds, median seconds of ``repeats`` calls after ``warmup`` calls in total)."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times)
+
+
+def _best(fn, runs: int) -> float:
+    jax.block_until_ready(fn())
+    best = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_machine(runs: int = 7) -> dict:
+    key = jax.random.key(0)
+    gflops = {}
+    matmul = jax.jit(jnp.matmul)
+    for n in (1024, 2048, 4096):
+        a, b = jax.random.normal(key, (2, n, n), jnp.float32)
+        gflops[n] = 2 * n ** 3 / _best(lambda: matmul(a, b), runs) / 1e9
+    big = jax.random.normal(key, (8192, 8192), jnp.float32)  # 256 MiB
+    vec = jnp.ones((8192,), jnp.float32)
+    bandwidth = big.nbytes / _best(lambda: matmul(big, vec), runs) / 1e9
+    del big
+    return {"matmul_f32_gflops": max(gflops.values()), "matmul_f32_gflops_by_size": gflops,
+            "mem_bandwidth_gbs": bandwidth}
+
+
+def randomize(params, key):
+    """Every leaf redrawn: norm scales 1 + N(0, 0.02²), everything else N(0, 0.02²)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for (path, leaf), k in zip(leaves, keys):
+        noise = 0.02 * jax.random.normal(k, leaf.shape, jnp.float32)
+        out.append((1 + noise if "scale" in str(path[-1]) else noise).astype(leaf.dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _bytes(tree) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def _matmul_weights(tree) -> int:
+    return sum(x.size for x in jax.tree.leaves(tree) if x.ndim >= 2)
+
+
+def _head_params(dim, layers, token_dim, cond_dim, key):
+    module = SimpleMLPAdaLN(token_dim=token_dim, dim=dim, num_layers=layers)
+    shapes = jax.eval_shape(module.init, key, jnp.zeros((1, token_dim)), jnp.zeros((1,)), jnp.zeros((1, cond_dim)))
+    return randomize(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.unbox(shapes))["params"], key)
+
+
+def fm_sample(config: dict, machine: dict) -> dict:
+    w, dtype = config["fm_sample"], config["dtype"]
+    key = jax.random.key(config["seed"])
+    head = _head_params(w["dim"], w["layers"], w["token_dim"], w["cond_dim"], key)
+    rows = 2 * w["batch"]
+    cond = jax.random.normal(key, (rows, w["cond_dim"]), jnp.float32).astype(dtype)
+    module = head_module(head, dtype)
+    fn = jax.jit(lambda p, c, k: sample_head(module, {"params": p}, c, cfg_mult=2, guidance_scale=w["cfg"],
+                                             num_steps=w["steps"], timesteps_shift=w["timesteps_shift"], key=k))
+    first, median = _timed(lambda: fn(head, cond, key), config["warmup"], config["repeats"])
+    flops = 2 * rows * w["steps"] * _matmul_weights(head)
+    return {"median_s": median, "per_step_ms": median / w["steps"] * 1e3, "gflops": flops / median / 1e9,
+            "fraction_of_matmul_peak": flops / median / 1e9 / machine["matmul_f32_gflops"],
+            "compile_s": first - median, "rows": rows, "head_params": sum(x.size for x in jax.tree.leaves(head)),
+            "flops": flops, "flops_counted_as": "2 * rows * steps * head matmul weights"}
+
+
+def _backbone_cfg(b: dict, dtype: str, scan_layers: bool, **extra):
+    return model_config(vocab_size=b["vocab"], hidden_size=b["hidden"], intermediate_size=b["intermediate"],
+                        num_layers=b["layers"], num_heads=b["heads"], num_kv_heads=b["kv_heads"],
+                        head_dim=b["hidden"] // b["heads"], dtype=dtype, scan_layers=scan_layers,
+                        **({"fm_head_dim": 64, "fm_head_layers": 1} | extra))
+
+
+def _model_params(cfg, key):
+    return randomize(nn.unbox(init_variables(cfg, key))["params"], key)
+
+
+def _decode_programs(cfg, b: dict):
+    """Jitted prefill, and a decode loop of ``decode`` greedy steps with the LM head (the text path)."""
+    model = NextStep(cfg)
+    batch, prefill_len, steps = b["batch"], b["prefill"], b["decode"]
+    cache_len = prefill_len + steps
+    kv_valid = jnp.ones((batch, cache_len), bool)
+
+    @jax.jit
+    def prefill(params, ids):
+        v = {"params": params}
+        cache = init_cache(cfg, batch, cache_len)
+        embeds = model.apply(v, ids, method=NextStep.embed)
+        hidden, cache = model.apply(v, embeds, kv_valid, cache, 0, method=NextStep.step)
+        return jnp.argmax(model.apply(v, hidden[:, -1], method=NextStep.logits), -1), cache
+
+    @jax.jit
+    def decode(params, token, cache):
+        v = {"params": params}
+
+        def body(i, carry):
+            token, cache = carry
+            embeds = model.apply(v, token[:, None], method=NextStep.embed)
+            hidden, cache = model.apply(v, embeds, kv_valid, cache, prefill_len + i, method=NextStep.step)
+            return jnp.argmax(model.apply(v, hidden[:, 0], method=NextStep.logits), -1), cache
+
+        return jax.lax.fori_loop(0, steps, body, (token, cache))[0]
+
+    return prefill, decode
+
+
+def backbone(config: dict, machine: dict) -> dict:
+    b, dtype = config["backbone"], config["dtype"]
+    key = jax.random.key(config["seed"])
+    ids = jax.random.randint(key, (b["batch"], b["prefill"]), 0, b["vocab"])
+    unrolled_cfg = _backbone_cfg(b, dtype, False)
+    unrolled = (unrolled_cfg, _model_params(unrolled_cfg, key))
+    scan_cfg = _backbone_cfg(b, dtype, True)
+    layouts = {"unrolled": unrolled, "scan": (scan_cfg, _model_params(scan_cfg, key)),
+               GENERATION_LAYOUT: for_decoding(*unrolled)}
+    out = {}
+    for layout, (cfg, params) in layouts.items():
+        backbone_params = {k: v for k, v in params.items() if k not in IMAGE_MODULES}
+        prefill, decode = _decode_programs(cfg, b)
+        token, cache = prefill(params, ids)
+        _, pre = _timed(lambda: prefill(params, ids), config["warmup"], config["repeats"])
+        _, dec = _timed(lambda: decode(params, token, cache), config["warmup"], config["repeats"])
+        out[layout] = {"prefill_median_ms": pre * 1e3, "decode_per_token_ms": dec / b["decode"] * 1e3}
+    param_bytes = _bytes(backbone_params)
+    streamed = param_bytes - _bytes(backbone_params["embed_tokens"])
+    bandwidth = machine["mem_bandwidth_gbs"] * 1e9
+    used = out[GENERATION_LAYOUT]
+    return {"prefill_median_ms": used["prefill_median_ms"], "decode_per_token_ms": used["decode_per_token_ms"],
+            "weight_stream_bound_ms": param_bytes / bandwidth * 1e3,
+            "decode_vs_bound": used["decode_per_token_ms"] / (param_bytes / bandwidth * 1e3),
+            "param_bytes": param_bytes,
+            # Decode reads one embedding row, not the table: the tighter bound.
+            "streamed_bytes": streamed, "streamed_bound_ms": streamed / bandwidth * 1e3,
+            "decode_vs_streamed_bound": used["decode_per_token_ms"] / (streamed / bandwidth * 1e3),
+            "layouts": out, "layout_used_by_generation": GENERATION_LAYOUT}
+
+
+def _byte_tokenizer(folder: Path) -> Path:
+    """A byte-level tokenizer.json with the NextStep special tokens (ids 256…)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tk = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(sorted(alphabet))}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(["<|endoftext|>", "[PAD]", "<|image_area|>", "<|begin_of_image|>", "<|end_of_image|>",
+                           "<|image_placeholder|>"])
+    path = folder / "tokenizer.json"
+    tk.save(str(path))
+    return path
+
+
+def generate(config: dict, machine: dict) -> dict:
+    g, b, dtype = config["generate"], config["backbone"], config["dtype"]
+    key = jax.random.key(config["seed"])
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = PromptTokenizer(_byte_tokenizer(Path(tmp)))
+    sp = tok.special
+    model_cfg = _backbone_cfg(b, dtype, False, fm_head_dim=g["fm_dim"], fm_head_layers=g["fm_layers"], boi=sp.boi,
+                              eoi=sp.eoi, image_placeholder_id=sp.placeholder, pad_token_id=sp.pad,
+                              bos_token_id=sp.eos, eos_token_id=sp.eos)
+    vcfg = vae_config(ch=g["vae_ch"], ch_mult=tuple(g["vae_ch_mult"]), num_res_blocks=g["vae_res_blocks"],
+                      z_channels=model_cfg.latent_channels, dtype=dtype)
+    vae_params = randomize(nn.unbox(AutoencoderKL(vcfg).init(key, jnp.zeros((1, 32, 32, 3))))["params"], key)
+    gen = Generator(model_cfg, _model_params(model_cfg, key), vcfg, vae_params, tok, donate=True)
+    params = gen.variables["params"]
+    # As a user runs it: the caption padded to its own length only (no length bucket).
+    settings = SamplingSettings.from_config(hw=tuple(g["hw"]), guidance_scale=g["cfg"], num_steps=g["steps"],
+                                            timesteps_shift=g["timesteps_shift"], use_norm=g["use_norm"],
+                                            length_bucket=1)
+    seeds = itertools.count()
+
+    def one_image():
+        return gen.generate([g["caption"]], settings, seed=next(seeds)).images
+
+    first, median = _timed(one_image, config["warmup"], config["repeats"])
+    tokens = gen.prompts.num_image_tokens(settings)
+    head_bytes = _bytes(params["image_head"])
+    decode_bytes = _bytes({k: v for k, v in params.items() if k not in ("image_head", "embed_tokens", "lm_head")})
+    roofline_ms = (decode_bytes + g["steps"] * head_bytes) / (machine["mem_bandwidth_gbs"] * 1e9) * 1e3
+    per_token_ms = median / tokens * 1e3
+    return {"median_s": median, "per_token_ms": per_token_ms, "roofline_ms_per_token": roofline_ms,
+            "per_token_vs_roofline": per_token_ms / roofline_ms, "compile_s": first - median,
+            "image_tokens": tokens, "head_bytes": head_bytes, "decode_bytes_per_token": decode_bytes,
+            "head_ms_per_token": _head_ms(config, params["image_head"], model_cfg, precomputed=True),
+            "head_ms_per_token_plain_sampler": _head_ms(config, params["image_head"], model_cfg, precomputed=False)}
+
+
+def _head_ms(config, head, model_cfg, precomputed: bool) -> float:
+    """One image token's flow-matching sampling at batch 1 with text CFG (2 rows), in ms, through
+    ``fm_sampler.sample_head`` with or without the precomputed modulations."""
+    g = config["generate"]
+    c = jax.random.normal(jax.random.key(1), (2, model_cfg.hidden_size), jnp.float32).astype(model_cfg.dtype)
+    kw = dict(cfg_mult=2, guidance_scale=g["cfg"], num_steps=g["steps"], timesteps_shift=g["timesteps_shift"],
+              key=jax.random.key(2))
+    module = head_module(head, model_cfg.dtype)
+    fn = jax.jit(lambda p, c: sample_head(module, {"params": p}, c, precompute_modulations=precomputed, **kw))
+    return _timed(lambda: fn(head, c), config["warmup"], config["repeats"])[1] * 1e3
+
+
+WORKLOADS = {"fm_sample": fm_sample, "backbone": backbone, "generate": generate}
+
+
+def run(config: dict, only: list[str], threads: dict) -> dict:
+    machine = measure_machine()
+    results = {name: WORKLOADS[name](config, machine) for name in only}
+    return json.loads(json.dumps({
+        "impl": "nextstep_jax", "jax": jax.__version__, "backend": jax.default_backend(),
+        "threads": config["threads"], "thread_limit": threads, "config": config, "machine": machine,
+        "results": results}, default=float))

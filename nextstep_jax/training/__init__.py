@@ -1,0 +1,1 @@
+"""Training library: optimizer, train state and step, checkpoints, metrics, multi-host set-up."""
