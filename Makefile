@@ -7,7 +7,7 @@ TPU_VENV := .venv-tpu
 TPU_PY := $(TPU_VENV)/bin/python
 TPU_STAMP := $(TPU_VENV)/.installed
 
-.PHONY: test test-tpu install clean
+.PHONY: test test-golden test-tpu install clean
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
+
+# The tests that read golden vectors, against another golden folder: make test-golden GOLDEN=/path/to/set
+test-golden: $(STAMP)
+	test -d "$(GOLDEN)/cases" || { echo "GOLDEN=$(GOLDEN): not a golden folder (no cases/)"; exit 2; }
+	NEXTSTEP_GOLDEN_DIR="$(abspath $(GOLDEN))" $(PY) -m pytest -q -n 2 -m golden tests
 
 $(TPU_STAMP): requirements.txt requirements-test.txt requirements-tpu.txt pyproject.toml
 	test -x $(TPU_PY) || $(PYTHON) -m venv $(TPU_VENV)

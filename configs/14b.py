@@ -9,17 +9,18 @@ import ml_collections
 from nextstep_jax.configs import data_config, mesh_config, model_config, sampling_config, vae_config
 from nextstep_jax.training.init import init_config
 from nextstep_jax.training.optimizer import optim_config, schedule_config
+from nextstep_jax.training.step import train_step_config
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    # REFERENCE §3.1: every default of model_config() is the released NextStep-1-Large value.
+    # Every default of model_config() is the released NextStep-1-Large value (its config.json).
     config.model = model_config(dtype="bfloat16", scan_layers=True, remat_policy="full")
     config.vae = vae_config(dtype="bfloat16")
     # The text tokenizer is the one the release ships beside the model (data.tokenizer=None).
     config.data = data_config()
     config.sampling = sampling_config()
-    config.mesh = mesh_config()
+    config.mesh = mesh_config(data=1, fsdp=-1, tensor=1, sequence=1)  # fsdp over all chips: see train_step
 
     # ---- Training (python -m nextstep_jax.train): the official 256 px stage, which starts from Qwen2.5-14B.
     config.seed = 42
@@ -37,6 +38,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict(dict(every_steps=2500, keep=3))
     config.eval = ml_collections.ConfigDict(dict(every_steps=2500, prompts=EVAL_PROMPTS, seed=0, hw=(256, 256)))
     config.data.seq_len = 8192
+    # The global batch: 256 packed rows of 8192 tokens (2.1M tokens) per step. The official run gives 2 rows
+    # per GPU on an unstated GPU count, so this is our choice, a usual 14B pretraining batch.
+    config.data.batch_size = 256
+    # It fits a v5p-64 pod (README "Scaling"; `python -m nextstep_jax.plan --config=configs/14b.py
+    # --topology v5p:4x4x4`): params, gradients and AdamW moments over fsdp = all chips, the batch over fsdp
+    # too (attention per shard), every layer rematerialised, the loss in 1024-position chunks, and 4
+    # microbatches of 64 rows (one row per chip at a time): 32 GiB per chip; 2 microbatches need 65 GiB for
+    # the same projected speed.
+    config.train_step = train_step_config(microbatches=4)
     config.data.image_size = 256  # square crops; multi-aspect buckets need cached latents (encode_latents) and
     # --config.data.image_input=latents --config.data.multi_aspect=True
     config.data.caption_dropout = 0.3

@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.sampling = sampling_config(hw=(64, 64))  # the training resolution
     config.mesh = mesh_config()
 
-    # ---- Training (python -m nextstep_jax.train): 300 steps take ~4 minutes on a 2-core CPU. The frozen VAE
+    # ---- Training (python -m nextstep_jax.train): 300 steps take ~5 minutes on a 2-core CPU. The frozen VAE
     # is a scratch one (random weights) unless --config.init.vae names a trained VAE.
     config.data.max_images_per_row = 6  # a 256-token row holds ~5 shapes documents: fewer empty slots to encode
     config.total_steps = 300

@@ -29,7 +29,7 @@ def replace(cfg: ml_collections.ConfigDict, **fields: Any) -> ml_collections.Con
 
 
 def model_config(**overrides: Any) -> ml_collections.ConfigDict:
-    """Defaults = the released NextStep-1-Large hyper-parameters (REFERENCE §3.1)."""
+    """Defaults = the released NextStep-1-Large hyper-parameters (its config.json)."""
     cfg = ml_collections.ConfigDict(
         dict(
             vocab_size=152064,
@@ -74,7 +74,7 @@ def model_config(**overrides: Any) -> ml_collections.ConfigDict:
             fused_qkv=False,
             fused_mlp=False,
             # The first official training forward fed the raw hidden state to the FM head, skipping
-            # image_out_projector; the later trainer and all inference apply it (REFERENCE §14 #1). True is
+            # image_out_projector; the later trainer and all inference apply it. True is
             # the consistent choice; False reproduces the first release's training loss bit for bit.
             loss_uses_out_projector=True,
             # Where the config came from: "1.0" or "1.1" release schema (export writes it back).
@@ -86,7 +86,7 @@ def model_config(**overrides: Any) -> ml_collections.ConfigDict:
 
 
 def vae_config(**overrides: Any) -> ml_collections.ConfigDict:
-    """Defaults = the released f8ch16 tokenizer (REFERENCE §8.1): architecture, encoder_norm with psz 2,
+    """Defaults = the released f8ch16 tokenizer (its config.json): architecture, encoder_norm with psz 2,
     deterministic posterior, identity latent scaling. Loading a release always reads its config.json."""
     cfg = ml_collections.ConfigDict(
         dict(

@@ -48,8 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import", formatter_class=raw, help="release folder -> converted Orbax checkpoint",
                        description=_wrap("Convert an official release folder (NextStep model or VAE tokenizer) into an "
                                    "Orbax checkpoint (tensorstore/OCDBT) plus our config. The release's other "
-                                   "files (config.json verbatim, tokenizer files) are copied along so that "
-                                   "`export` gives the release back."),
+                                   "files (config.json verbatim, tokenizer files) are copied along and a model's "
+                                   "vae/ is converted into the checkpoint's vae/, so that `export` gives the "
+                                   "release back and sampling finds the VAE."),
                        epilog="Example:\n  python -m nextstep_jax.convert import NextStep-1.1 ckpt/nextstep-1.1 "
                               "--dtype bfloat16")
     p.add_argument("src", help="release folder")
@@ -65,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "config.json and other release files, every tensor in its release dtype. "
                                    "NextStep: the release's own safetensors files (or re-sharded with "
                                    "--max-shard-size, with model.safetensors.index.json). VAE: config.json + "
-                                   f"{conversion.VAE_EXPORT_FILE}."),
+                                   f"{conversion.VAE_EXPORT_FILE} (also for a model's vae/)."),
                        epilog="Example:\n  python -m nextstep_jax.convert export ckpt/nextstep-1.1 NextStep-1.1-out "
                               "--max-shard-size 5GB")
     p.add_argument("src", help="converted checkpoint folder")
@@ -86,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     p = sub.add_parser("verify", formatter_class=raw, help="compare two checkpoints tensor by tensor",
-                       description=_wrap("Compare two checkpoints of any formats tensor by tensor, by release key. "
+                       description=_wrap("Compare two checkpoints of any formats tensor by tensor, by release key "
+                                   "(a model's vae/ included). "
                                    "Exit 0 only if they hold the same keys with equal tensors (bit for bit, or "
                                    "within --atol), else 1 and the first differing keys."),
                        epilog=_FORMATS)

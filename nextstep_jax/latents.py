@@ -1,4 +1,4 @@
-"""Patchify / unpatchify between NHWC latents and 64-d image tokens (REFERENCE §4.1).
+"""Patchify / unpatchify between NHWC latents and 64-d image tokens (2x2 patches of the 16-channel latent).
 
 Plain array code shared by the models (VAE, generation) and by the data pipeline (cached latents), so it
 sits below both and imports neither. With numpy inputs patchify/unpatchify stay numpy.
@@ -39,7 +39,7 @@ def unpatchify(tokens: jnp.ndarray, h: int, w: int, p: int) -> jnp.ndarray:
 def normalize_tokens(tokens: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
     """Parameter-free LayerNorm over the last (token feature) axis, statistics in float32 with the biased
     variance, result in the input dtype. It is both the VAE's ``encoder_norm`` of every 64-d patch and the
-    sampler's ``use_norm`` (REFERENCE §4.4, §8.4), which is why sampled tokens land on the encoder's manifold."""
+    sampler's ``use_norm``, which is why sampled tokens land on the encoder's manifold."""
     x = tokens.astype(jnp.float32)
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)

@@ -62,16 +62,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _defaults():
-    """The built-in defaults plus the training sections the step and optimizer read."""
-    from nextstep_jax.configs import default_config
-    from nextstep_jax.training.optimizer import optim_config, schedule_config
-    from nextstep_jax.training.step import train_step_config
+    """The trainer's built-in defaults: the step, optimizer and data sections are the ones a run reads."""
+    from nextstep_jax.train import train_config
 
-    config = default_config()
-    config.train_step = train_step_config()
-    config.optim = optim_config()
-    config.schedule = schedule_config()
-    return config
+    return train_config()
 
 
 def _devices(args):
@@ -145,15 +139,9 @@ def _largest_buffers(message: str, limit: int = 8) -> list[str]:
 def _optimizer(config):
     """The trainer's AdamW (``config.optim``, ``config.schedule``): its state, with frozen parameters left
     out and the first moment's dtype, is what memory sees."""
-    from flax import linen as nn
+    from nextstep_jax.train import optimizer_for
 
-    from nextstep_jax.models.nextstep import abstract_variables
-    from nextstep_jax.training.optimizer import make_optimizer, nextstep_layer_norm_paths
-
-    params = nn.unbox(abstract_variables(config.model))["params"]
-    tx, _ = make_optimizer(config.optim, config.schedule, params, total_steps=int(config.get("total_steps") or 1),
-                           layer_norm_paths=nextstep_layer_norm_paths(config.model))
-    return tx
+    return optimizer_for(config)[0]
 
 
 def _inputs(config, mesh, program: str, optimizer):
@@ -295,9 +283,10 @@ def _table(report: dict) -> str:
     gib = lambda b: "-" if b is None else f"{b / GIB:.2f} GiB"
     rows = [("program", report["program"]), ("chip x devices", f"{report['chip'] or 'cpu'} x {report['devices']}"),
             ("mesh", " ".join(f"{k}={v}" for k, v in report["mesh"].items())),
-            ("global batch x seq", f"{report['batch_size']} x {report['seq_len']} "
-                                   f"({report['microbatches']} microbatch{'es' if report['microbatches'] > 1 else ''})"),
-            ("dtype / remat / loss chunk", f"{report['dtype']} / {report['remat_policy']} / {report['loss_chunk_size']}")]
+            ("global batch x seq", f"{report['batch_size']} x {report['seq_len']} ({report['microbatches']} "
+                                   f"microbatch{'es' if report['microbatches'] > 1 else ''})"),
+            ("dtype / remat / loss chunk",
+             f"{report['dtype']} / {report['remat_policy']} / {report['loss_chunk_size']}")]
     rows += [(f"input: {k}", gib(v)) for k, v in report["input_bytes"].items()]
     per = report.get("per_device_bytes")
     if per:

@@ -13,9 +13,10 @@ folder's ``sampling.json`` (a JSON object of ``sampling`` fields; in a converted
 where ``nextstep_jax.convert`` copies it). Of the ``model`` section only ``dtype`` applies here (the
 architectures come from the model and VAE folders); ``data.tokenizer`` is the default of ``--tokenizer``.
 
-Everything is validated (files, prompts, images, sizes) before the weights are loaded; a bad input exits
-with status 2 and a one-line message, and nothing is written. Each image is a PNG carrying the prompt,
-seed and settings in text chunks, with a JSON sidecar of the same name; files are written atomically.
+Everything is validated (the output folder, files, prompts, images, sizes) before the weights are loaded; a
+bad input exits with status 2 and a one-line message, and nothing is written. Each image, and the --grid
+image, is a PNG carrying the prompt, seed and settings in text chunks, with a JSON sidecar of the same name;
+files are written atomically.
 """
 
 from __future__ import annotations

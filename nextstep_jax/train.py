@@ -5,11 +5,12 @@
         --config.checkpoint.every_steps=4
     python -m nextstep_jax.train --config=configs/tiny.py --workdir runs/tiny --export runs/tiny/release
 
-Top to bottom: resolve the config (built-in training defaults < the file < ``--config.*``); join the other
-processes of a multi-host run; build the mesh of ``config.mesh`` and check it against the model and the batch;
-build the model, optimizer and data pipeline; restore the newest checkpoint of the workdir, or initialise
-(``config.init``); compile the step; train for ``config.total_steps`` steps; export when asked.
-``config.task`` selects what is trained (``TASKS``).
+Top to bottom: resolve the config (built-in training defaults < the file < what the init checkpoint and VAE
+store < ``--config.*``); join the other processes of a multi-host run; build the mesh of ``config.mesh`` and
+check it against the model and the batch; build the model, optimizer and data pipeline; restore the newest
+checkpoint of the workdir, or initialise (``config.init``); compile the step; train for ``config.total_steps``
+steps; export when asked. ``config.task`` selects what is trained: "nextstep" (this file) or "vae" (the image
+tokenizer, ``training/vae_task.py``).
 
 The workdir holds ``config.json`` (the resolved config), ``checkpoints/`` (every ``checkpoint.every_steps``
 steps, on SIGTERM and at the end), ``metrics.jsonl`` and ``tensorboard/`` (every step), ``samples/`` (a grid of
@@ -29,11 +30,39 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
+from flax import linen as nn
+from jax.experimental import multihost_utils
 
 from nextstep_jax import configs
+from nextstep_jax.checkpoint import load_vae, read_model_config, read_vae_config, release_files
+from nextstep_jax.data.pipeline import DataConfig, dataset_specs, make_iterator
+from nextstep_jax.data.tokenizer import load_tokenizer
+from nextstep_jax.generation.generator import Generator
+from nextstep_jax.generation.image_files import grid, write_png
+from nextstep_jax.generation.prompts import PromptBuilder, PromptTokenizer
+from nextstep_jax.generation.settings import SamplingSettings
+from nextstep_jax.io.atomic import write_file
+from nextstep_jax.models.layouts import for_decoding
+from nextstep_jax.models.nextstep import NextStep, abstract_variables
+from nextstep_jax.models.vae import AutoencoderKL
+from nextstep_jax.plan import CHIPS
+from nextstep_jax.sharding import batch_sharding, make_mesh, shardings_of, validate_mesh
+from nextstep_jax.training import distributed
+from nextstep_jax.training.checkpointing import CheckpointRestoreError, StopSignal, TrainCheckpointer
+from nextstep_jax.training.export import write_release
+from nextstep_jax.training.flops import train_step_flops
+from nextstep_jax.training.init import InitError, init_config, initial_params
+from nextstep_jax.training.metrics import MetricsWriter
+from nextstep_jax.training.optimizer import make_optimizer, nextstep_layer_norm_paths, optim_config, schedule_config
+from nextstep_jax.training.state import abstract_train_state, init_train_state
+from nextstep_jax.training.step import make_train_step, train_step_config
+from nextstep_jax.training.vae_task import prepare_vae, train_vae
 
 WORKDIR_CONFIG = "config.json"
 CHECKPOINTS_DIR, SAMPLES_DIR, PROFILE_DIR = "checkpoints", "samples", "profile"
@@ -41,10 +70,6 @@ CHECKPOINTS_DIR, SAMPLES_DIR, PROFILE_DIR = "checkpoints", "samples", "profile"
 
 def train_config() -> ml_collections.ConfigDict:
     """The built-in defaults of a training run: ``configs.default_config()`` plus the training sections."""
-    from nextstep_jax.training.init import init_config
-    from nextstep_jax.training.optimizer import optim_config, schedule_config
-    from nextstep_jax.training.step import train_step_config
-
     config = configs.default_config()
     config.task = "nextstep"  # what is trained: a key of TASKS
     config.seed = 0  # parameter init and the per-step random numbers (the data order has data.seed)
@@ -63,7 +88,7 @@ def train_config() -> ml_collections.ConfigDict:
     # The profiler traces num_steps steps from start_step (counted from 1) into WORKDIR/profile; 0 = off.
     config.profile = ml_collections.ConfigDict(dict(start_step=5, num_steps=0))
     # Peak FLOP/s of one device for MFU; None: known for TPU chips, else MFU is not reported.
-    config.peak_flops_per_device = ml_collections.FieldReference(None, field_type=float)
+    config.peak_flops_per_device = None
     return config
 
 
@@ -93,9 +118,7 @@ def main(argv=None) -> int:
     args, overrides = configs.parse_args(_parser(), argv)
     try:
         config = resolve_config(args, overrides)
-        from nextstep_jax.training.distributed import initialize
-
-        initialize(args.coordinator, args.num_processes, args.process_id)  # before JAX is asked for devices
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)  # before JAX is asked for devices
         task = TASKS[config.task]
         run = task.prepare(config, args)
     except USER_ERRORS as e:
@@ -126,18 +149,20 @@ LAYOUT_FIELDS = ("dtype", "scan_layers", "remat_policy", "loss_chunk_size", "att
 
 
 def vae_source(config) -> Path | None:
-    """The frozen VAE's folder: ``init.vae``, else the init checkpoint's ``vae/``, else None (scratch)."""
+    """The frozen VAE's folder: ``init.vae``, else the init checkpoint's ``vae/``; None (a scratch VAE) only for
+    a model that starts without a checkpoint, since a trained model needs the VAE it was trained with."""
     if config.init.vae:
         return Path(config.init.vae)
-    if config.init.source == "checkpoint" and config.init.path and (Path(config.init.path) / "vae").is_dir():
-        return Path(config.init.path) / "vae"
-    return None
+    if config.init.source != "checkpoint":
+        return None
+    folder = Path(config.init.path) / "vae"
+    if not folder.is_dir():
+        raise InitError(f"init.vae is not set and the init checkpoint {config.init.path} has no vae/ folder: "
+                        "name the VAE the model was trained with")
+    return folder
 
 
 def stored_settings(config) -> dict:
-    from nextstep_jax.checkpoint import read_model_config, read_vae_config, release_files
-    from nextstep_jax.training.init import InitError
-
     stored = {}
     if config.init.source == "checkpoint":
         path = Path(config.init.path) if config.init.path else None
@@ -184,18 +209,14 @@ class NextStepRun:
     initial_params: Any  # None when the workdir holds checkpoints to resume from
 
 
+def optimizer_for(config: ml_collections.ConfigDict):
+    """(optax transformation, LR schedule) of the run: ``config.optim`` and ``config.schedule`` over the model's
+    parameters, with the official decay set found from the model's LayerNorm modules."""
+    return make_optimizer(config.optim, config.schedule, nn.unbox(abstract_variables(config.model))["params"],
+                          total_steps=config.total_steps, layer_norm_paths=nextstep_layer_norm_paths(config.model))
+
+
 def prepare_nextstep(config: ml_collections.ConfigDict, args) -> NextStepRun:
-    import jax
-    from flax import linen as nn
-
-    from nextstep_jax.data.pipeline import DataConfig, dataset_specs, make_iterator
-    from nextstep_jax.data.tokenizer import load_tokenizer
-    from nextstep_jax.models.nextstep import NextStep, abstract_variables
-    from nextstep_jax.models.vae import AutoencoderKL
-    from nextstep_jax.sharding import make_mesh, validate_mesh
-    from nextstep_jax.training.init import initial_params
-    from nextstep_jax.training.optimizer import make_optimizer, nextstep_layer_norm_paths
-
     _check_run_fields(config, args)
     if not config.data.tokenizer:
         raise configs.ConfigError("data.tokenizer is not set: name the text tokenizer (a folder, a file or "
@@ -208,17 +229,12 @@ def prepare_nextstep(config: ml_collections.ConfigDict, args) -> NextStepRun:
         raise configs.ConfigError("data.datasets is empty: name at least one dataset")
     tokenizer_path = str(config.data.tokenizer)
     data = make_iterator(data_config, datasets, load_tokenizer(tokenizer_path))
-    abstract_params = nn.unbox(abstract_variables(config.model))["params"]
-    optimizer, schedule = make_optimizer(config.optim, config.schedule, abstract_params,
-                                         total_steps=config.total_steps,
-                                         layer_norm_paths=nextstep_layer_norm_paths(config.model))
+    optimizer, schedule = optimizer_for(config)
     _check_prompts(config, tokenizer_path)
-    root = jax.random.PRNGKey(config.seed)
-    params = None
-    if not _has_checkpoints(args.workdir / CHECKPOINTS_DIR):
-        params = initial_params(config.init, config.model, jax.random.fold_in(root, 0), mesh=mesh)
+    # Loaded now, so that a bad init source is refused before anything is written; not when resuming.
+    params = None if _has_checkpoints(args.workdir / CHECKPOINTS_DIR) else _initial_params(config, mesh)
     vae = AutoencoderKL(config.vae)
-    vae_params = _vae_params(config, vae, mesh, jax.random.fold_in(root, 1))
+    vae_params = _vae_params(config, vae, mesh, _key(config.seed, 1))
     return NextStepRun(config=config, workdir=args.workdir, export=args.export, progress=not args.no_progress,
                        mesh=mesh, model=NextStep(config.model), optimizer=optimizer, schedule=schedule,
                        data_config=data_config, data=data, tokenizer_path=tokenizer_path, vae=vae,
@@ -226,14 +242,6 @@ def prepare_nextstep(config: ml_collections.ConfigDict, args) -> NextStepRun:
 
 
 def train_nextstep(run: NextStepRun) -> int:
-    import jax
-
-    from nextstep_jax.training.checkpointing import CheckpointRestoreError, StopSignal, TrainCheckpointer
-    from nextstep_jax.training.init import initial_params
-    from nextstep_jax.training.metrics import MetricsWriter
-    from nextstep_jax.training.state import abstract_train_state, init_train_state
-    from nextstep_jax.training.step import make_train_step
-
     config, workdir, data = run.config, run.workdir, run.data
     write_config(workdir, config)
     checkpoints = TrainCheckpointer(workdir / CHECKPOINTS_DIR, every_steps=config.checkpoint.every_steps,
@@ -243,24 +251,23 @@ def train_nextstep(run: NextStepRun) -> int:
     except CheckpointRestoreError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    params, run.initial_params = run.initial_params, None  # the state holds them from here on
     if restored is None:
-        params = run.initial_params
         if params is None:  # the workdir held only checkpoints that were never completed
-            params = initial_params(config.init, config.model, jax.random.fold_in(jax.random.PRNGKey(config.seed), 0),
-                                    mesh=run.mesh)
+            params = _initial_params(config, run.mesh)
         start, state = 0, init_train_state(config.model, run.optimizer, run.mesh, seed=config.seed, params=params)
     else:
         start, state = restored
         _say(f"resuming from step {start} ({checkpoints.directory / str(start)})")
-    run.initial_params = None
+    del params
     pixels = run.data_config.image_input == "pixels"
     vae_params = run.vae_params if pixels else None
     step_fn = make_train_step(config, run.model, run.optimizer, run.mesh, vae=run.vae if pixels else None)
-    sharding = _batch_sharding(run.mesh)
+    sharding = batch_sharding(run.mesh)
     samples = SampleGrids(config, run.tokenizer_path, run.vae_params, workdir / SAMPLES_DIR)
     meter = StepMeter(config, run.data_config, run.schedule, run.model.cfg)
 
-    compiled, code = None, 0
+    compiled, code = False, 0
     with StopSignal() as stop, Profiler(config.profile, workdir / PROFILE_DIR) as profiler, \
             MetricsWriter(workdir, total_steps=config.total_steps, start_step=start, progress=run.progress) as writer:
         step = start
@@ -269,12 +276,13 @@ def train_nextstep(run: NextStepRun) -> int:
             profiler.before(step)
             local = next(data)
             batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
-            if compiled is None:
+            if not compiled:  # ahead of the first step, so that its time is a step's time
                 began = time.perf_counter()
-                compiled = step_fn.lower(state, batch, vae_params).compile()
+                step_fn.lower(state, batch, vae_params).compile()
                 _say(f"compiled the train step in {time.perf_counter() - began:.1f} s")
+                compiled = True
                 meter.restart()
-            state, metrics = compiled(state, batch, vae_params)
+            state, metrics = step_fn(state, batch, vae_params)
             values = meter.measure(step, metrics, local, data.metrics())
             writer.write(step, values)
             profiler.after(step, metrics)
@@ -291,12 +299,21 @@ def train_nextstep(run: NextStepRun) -> int:
                 break
         if code == 0:
             checkpoints.save(step, state, data, force=True)  # no-op when this step is already saved
-            if step > start:
+            if start < step == config.total_steps:
                 samples.write(step, state.params)
     checkpoints.close()
     if code == 0 and run.export is not None:
         export_model(run, state.params)
     return code
+
+
+def _initial_params(config, mesh):
+    return initial_params(config.init, config.model, _key(config.seed, 0), mesh=mesh)
+
+
+def _key(seed: int, purpose: int):
+    """The root key of one purpose (0: model init, 1: scratch VAE init; the steps use the train state's)."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), purpose)
 
 
 def _has_checkpoints(folder: Path) -> bool:
@@ -305,13 +322,6 @@ def _has_checkpoints(folder: Path) -> bool:
 
 def _vae_params(config, vae, mesh, key):
     """The frozen VAE's params on ``mesh``: loaded from ``vae_source(config)``, else a scratch init."""
-    import jax
-    import jax.numpy as jnp
-    from flax import linen as nn
-
-    from nextstep_jax.checkpoint import load_vae
-    from nextstep_jax.sharding import shardings_of
-
     source = vae_source(config)
     if source is not None:
         return load_vae(source, mesh=mesh)[1]
@@ -327,8 +337,6 @@ def _vae_params(config, vae, mesh, key):
 
 
 def _say(message: str) -> None:
-    import jax
-
     if jax.process_index() == 0:
         print(message, file=sys.stderr, flush=True)
 
@@ -358,26 +366,18 @@ def _check_prompts(config: ml_collections.ConfigDict, tokenizer_path: str) -> No
     """The sample-grid prompts turn into prompt rows with the sampling settings."""
     if not config.eval.every_steps or not config.eval.prompts:
         return
-    from nextstep_jax.generation.prompts import PromptBuilder, PromptTokenizer
-
     PromptBuilder(PromptTokenizer(tokenizer_path), config.model, config.vae).rows(list(config.eval.prompts),
                                                                               eval_settings(config))
 
 
 def eval_settings(config):
     """The sampling settings of the sample grids: the ``sampling`` section at ``eval.hw``."""
-    from nextstep_jax.generation.settings import SamplingSettings
-
     changes = {"hw": tuple(config.eval.hw)} if config.eval.hw else {}
     return SamplingSettings.from_config(config.sampling, **changes)
 
 
 def write_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
     """The resolved config as JSON (process 0; atomically). A resumed run with other settings is reported."""
-    import jax
-
-    from nextstep_jax.io.atomic import write_file
-
     if jax.process_index() != 0:
         return
     workdir.mkdir(parents=True, exist_ok=True)
@@ -402,24 +402,12 @@ def _changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _batch_sharding(mesh):
-    from nextstep_jax.sharding import batch_sharding
-
-    return batch_sharding(mesh)
-
-
 def peak_flops(config) -> float | None:
     """Peak FLOP/s of one device: the config's, else the TPU chip's (``plan.CHIPS``), else unknown."""
     if config.peak_flops_per_device:
         return float(config.peak_flops_per_device)
-    import jax
-
-    from nextstep_jax.plan import CHIPS
-
     kind = jax.devices()[0].device_kind.lower()  # e.g. "tpu v5p", "tpu v5 lite", "tpu v6 lite"
-    names = {"tpu v4": "v4", "tpu v5 lite": "v5e", "tpu v5e": "v5e", "tpu v5p": "v5p", "tpu v5": "v5p",
-             "tpu v6 lite": "v6e", "tpu v6e": "v6e"}
-    for prefix, chip in names.items():
+    for prefix, chip in (("tpu v4", "v4"), ("tpu v5 lite", "v5e"), ("tpu v5", "v5p"), ("tpu v6 lite", "v6e")):
         if kind.startswith(prefix):
             return CHIPS[chip]["peak_flops"]
     return None
@@ -427,13 +415,11 @@ def peak_flops(config) -> float | None:
 
 class StepMeter:
     """The per-step metrics: the step's own (loss, lm_loss, im_loss, grad_norm, nonfinite, skipped steps) plus
-    lr, step_time, tokens/s and images/s (all processes), MFU, and the data pipeline's cumulative counts."""
+    the lr of its update, step_time (wall time since the previous step's metrics arrived), tokens/s (the batch's
+    token slots; data/pad_fraction says how many are padding), images/s (image blocks in the batch), the model
+    FLOP rate and MFU, and the data pipeline's cumulative counts, all summed over processes."""
 
     def __init__(self, config, data_config, schedule, model_cfg):
-        import jax
-
-        from nextstep_jax.training.flops import train_step_flops
-
         self._schedule = schedule
         self._boi = int(model_cfg.boi)
         self._tokens = int(config.data.batch_size) * int(data_config.seq_len)
@@ -448,9 +434,6 @@ class StepMeter:
         self._last = time.perf_counter()
 
     def measure(self, step: int, metrics, local_batch, data_metrics: dict) -> dict:
-        import jax
-        import numpy as np
-
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         seconds, self._last = now - self._last, now
@@ -460,8 +443,6 @@ class StepMeter:
         counts = np.array([(local_batch["input_ids"] == self._boi).sum(), skipped_data,
                            data_metrics["data/documents"]], np.float64)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             counts = np.asarray(multihost_utils.process_allgather(counts)).sum(0)
         values.update({"step_time": seconds, "tokens_per_s": self._tokens / seconds,
                        "images_per_s": float(counts[0]) / seconds, "model_tflops_per_s":
@@ -486,8 +467,6 @@ class Profiler:
 
     def before(self, step: int) -> None:
         if step == self._first and self._last >= self._first:
-            import jax
-
             self._folder.mkdir(parents=True, exist_ok=True)
             jax.profiler.start_trace(str(self._folder))
             self._active = True
@@ -497,8 +476,6 @@ class Profiler:
             self._stop(outputs)
 
     def _stop(self, outputs=None) -> None:
-        import jax
-
         jax.block_until_ready(outputs)
         jax.profiler.stop_trace()
         self._active = False
@@ -515,8 +492,6 @@ class SampleGrids:
     the generation program gathers its images on one host)."""
 
     def __init__(self, config, tokenizer_path: str, vae_params, folder: Path):
-        import jax
-
         self._config = config
         self._tokenizer_path = tokenizer_path
         self._vae_params = vae_params
@@ -524,6 +499,7 @@ class SampleGrids:
         self._every = config.eval.every_steps
         self.enabled = bool(self._every and config.eval.prompts)
         self._written: set[int] = set()
+        self._generator = None  # compiled once; its params are set for each grid and dropped after it
         if self.enabled and jax.process_count() > 1:
             _say("sample grids are written by single-process runs only; eval.every_steps ignored")
             self.enabled = False
@@ -534,14 +510,15 @@ class SampleGrids:
     def write(self, step: int, params) -> None:
         if not self.enabled or step in self._written:
             return
-        from nextstep_jax.generation.generator import Generator
-        from nextstep_jax.generation.image_files import grid, write_png
-        from nextstep_jax.generation.prompts import PromptTokenizer
         config = self._config
         started = time.perf_counter()
-        generator = Generator(config.model, params, config.vae, self._vae_params,
-                              PromptTokenizer(self._tokenizer_path))
-        result = generator.generate(list(config.eval.prompts), eval_settings(config), seed=config.eval.seed)
+        if self._generator is None:
+            self._generator = Generator(config.model, params, config.vae, self._vae_params,
+                                        PromptTokenizer(self._tokenizer_path))
+        else:
+            self._generator.variables = {"params": for_decoding(config.model, params)[1]}
+        result = self._generator.generate(list(config.eval.prompts), eval_settings(config), seed=config.eval.seed)
+        self._generator.variables = None
         path = self._folder / f"step_{step:07d}.png"
         write_png(path, grid(list(result.images)), {"step": str(step), "prompts": json.dumps(list(config.eval.prompts)),
                                                     "seed": str(config.eval.seed)})
@@ -550,27 +527,28 @@ class SampleGrids:
 
 
 def export_model(run: NextStepRun, params) -> None:
-    """The trained model in the official release layout (through the checkpoint conversion code)."""
-    import jax
+    """The trained model, its VAE, tokenizer and sampling settings in the official release layout; from an
+    init release, the fields of its config.json that we do not model are kept."""
+    config = run.config
+    base = None
+    if config.init.source == "checkpoint":
+        path = release_files(config.init.path) / "config.json"
+        base = json.loads(path.read_text()) if path.is_file() else None
+    write_release(run.export, config.model, params, config.vae, run.vae_params, tokenizer=run.tokenizer_path,
+                  sampling=config.sampling, base_config=base)
+    _say(f"exported the model to {run.export}")
 
-    from nextstep_jax.checkpoint import export_params
 
-    if jax.process_index() == 0:
-        export_params(run.config.model, params, run.export, tokenizer=run.tokenizer_path,
-                      vae=vae_source(run.config))
-        _say(f"exported the model to {run.export}")
-
-
-class Task:
+class Task(NamedTuple):
     """What ``config.task`` selects: ``prepare(config, args)`` validates everything and returns the run;
     ``train(run)`` trains it and returns the exit status."""
 
-    def __init__(self, prepare: Callable, train: Callable):
-        self.prepare, self.train = prepare, train
+    prepare: Callable
+    train: Callable
 
 
-TASKS = {"nextstep": Task(prepare_nextstep, train_nextstep)}
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)  # ConfigError etc. are ValueErrors
+TASKS = {"nextstep": Task(prepare_nextstep, train_nextstep), "vae": Task(prepare_vae, train_vae)}
+USER_ERRORS = (ValueError, OSError)  # ConfigError, InitError, CheckpointError, ... are ValueErrors
 
 
 if __name__ == "__main__":

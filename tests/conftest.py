@@ -15,6 +15,13 @@ def golden_root() -> Path:
     return Path(os.environ.get("NEXTSTEP_GOLDEN_DIR", TESTS_DIR / "golden")).resolve()
 
 
+def pytest_collection_modifyitems(items):
+    """Mark every test that reads the golden folder: ``-m golden`` reruns exactly those on another set."""
+    for item in items:
+        if "golden_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.golden)
+
+
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     root = golden_root()

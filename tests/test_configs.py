@@ -31,9 +31,11 @@ def test_tiny_config_takes_its_special_ids_from_the_tokenizer_it_names(golden_di
     assert (config.model.pad_token_id, config.model.bos_token_id, config.model.eos_token_id) == (
         special.pad, special.eos, special.eos)
     # Another tokenizer brings its own ids: the golden one's are those the official code recorded.
-    golden = json.loads((golden_dir / "meta.json").read_text())["special_token_ids"]
+    meta = json.loads((golden_dir / "meta.json").read_text())
+    golden = meta["special_token_ids"]
     unresolved = load_config_file(CONFIGS / "tiny.py")
-    other = with_tokenizer_ids(apply_overrides(unresolved, [f"data.tokenizer={golden_dir / 'tokenizer'}"]))
+    other = with_tokenizer_ids(apply_overrides(unresolved, [f"data.tokenizer={golden_dir / 'tokenizer'}",
+                                                            f"model.vocab_size={meta['model_config']['vocab_size']}"]))
     assert (other.model.boi, other.model.eoi, other.model.image_placeholder_id, other.model.pad_token_id) == (
         golden["<|begin_of_image|>"], golden["<|end_of_image|>"], golden["<|image_placeholder|>"], golden["[PAD]"])
     assert other.model.eos_token_id == golden["<|endoftext|>"]
@@ -41,7 +43,7 @@ def test_tiny_config_takes_its_special_ids_from_the_tokenizer_it_names(golden_di
 
 def test_tokenizer_ids_must_agree_with_ids_already_set(golden_dir):
     config = repo_config("tiny")  # ids now set from the byte-level tokenizer
-    with pytest.raises(ConfigError, match=r"model\.boi=\d+ but tokenizer"):
+    with pytest.raises(ConfigError, match=r"model\.\w+=\d+ but tokenizer"):
         with_tokenizer_ids(apply_overrides(config, [f"data.tokenizer={golden_dir / 'tokenizer'}"]))
     small = apply_overrides(config, ["model.vocab_size=100"])
     with pytest.raises(ConfigError, match="model.vocab_size=100"):

@@ -60,19 +60,22 @@ def test_tensor_shape_differs_from_config(golden_dir, tmp_path, capsys):
     release = _copy(golden_dir, tmp_path, "model")
     with SafetensorsReader(golden_dir / "model") as reader:
         tensors = {k: reader.read(k) for k in reader.keys()}
-    tensors["image_out_projector.weight"] = np.zeros((64, 65), np.float32)
+    rows, cols = tensors["image_out_projector.weight"].shape
+    tensors["image_out_projector.weight"] = np.zeros((rows, cols + 1), np.float32)
     write_safetensors(release / "model.safetensors", [TensorSpec.of(k, v) for k, v in tensors.items()])
     _assert_bad_input(capsys, tmp_path / "out", "import", release, tmp_path / "out",
-                      match=["'image_out_projector.weight'", "(64, 65)", "config expects (64, 64)", str(release)])
+                      match=["'image_out_projector.weight'", f"({rows}, {cols + 1})", f"config expects ({rows}, {cols})",
+                             str(release)])
 
 
 def test_config_disagrees_with_every_tensor(golden_dir, tmp_path, capsys):
     release = _copy(golden_dir, tmp_path, "model")
     config = json.loads((release / "config.json").read_text())
-    config["intermediate_size"] = 96
+    config["intermediate_size"] += 32
     (release / "config.json").write_text(json.dumps(config))
     _assert_bad_input(capsys, tmp_path / "out", "import", release, tmp_path / "out",
-                      match=["mlp.gate_proj.weight", "config expects (96, 64)"])
+                      match=["mlp.gate_proj.weight",
+                             f"config expects ({config['intermediate_size']}, {config['hidden_size']})"])
 
 
 @pytest.mark.parametrize("edit,match", [
@@ -110,7 +113,8 @@ def test_existing_destination_needs_overwrite(golden_dir, tmp_path, capsys):
     code, _, err = _run(capsys, "import", golden_dir / "vae", dest)
     assert code == 2 and "already exists" in err and (dest / "keep.txt").read_text() == "old"
     code, out, _ = _run(capsys, "import", golden_dir / "vae", dest, "--overwrite")
-    assert code == 0 and "180 tensors" in out
+    with SafetensorsReader(golden_dir / "vae" / "checkpoint.safetensors") as reader:
+        assert code == 0 and f"{len(reader.keys())} tensors" in out
     assert store.is_checkpoint(dest) and not (dest / "keep.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
@@ -181,10 +185,15 @@ def test_vae_export_is_one_file(golden_dir, tmp_path, capsys):
 
 
 def test_written_files_get_the_umask_modes(golden_dir, tmp_path, capsys):
-    """Files 0644 and folders 0755 under umask 022, like any file the user writes (no private temporaries)."""
+    """Files 0644 and folders 0755 under umask 022, like any file the user writes (no private temporaries),
+    also from a read-only release."""
+    release = _copy(golden_dir, tmp_path, "model")
+    shutil.copytree(golden_dir / "vae", release / "vae")
+    for path in [*release.rglob("*"), release]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
     old = os.umask(0o022)
     try:
-        assert _run(capsys, "import", golden_dir / "model", tmp_path / "ckpt")[0] == 0
+        assert _run(capsys, "import", release, tmp_path / "ckpt")[0] == 0
         assert _run(capsys, "export", tmp_path / "ckpt", tmp_path / "back", "--max-shard-size", "500KB")[0] == 0
     finally:
         os.umask(old)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import image_makers
+from nextstep_jax.checkpoint.conversion import import_release
 from nextstep_jax.data.images import decode_rgb, normalize, resize_center_crop
 from nextstep_jax.data.pipeline import DataConfig, DatasetSpec, make_iterator
 from nextstep_jax.data.records import RecordWriter
@@ -125,12 +126,17 @@ def test_real_vae_encoder_matches_golden(load_case, golden_dir):
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_cli_with_the_golden_vae(tmp_path, images, capsys, golden_dir):
+@pytest.mark.parametrize("vae_format", ["release", "converted"])
+def test_cli_with_the_golden_vae(tmp_path, images, capsys, golden_dir, vae_format):
     pixels = images.gradient(64, 64)
     with RecordWriter(tmp_path / "in") as writer:
         writer.write(Sample("only", "t2i", ("gradient", EncodedImage(images.png(pixels)))))
-    main(["--records", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--vae", str(golden_dir / "vae"),
-          "--image-size", "64", "--batch-size", "1", "--no-progress"])
+    vae = golden_dir / "vae"
+    if vae_format == "converted":
+        import_release(vae, tmp_path / "vae", progress=False)
+        vae = tmp_path / "vae"
+    assert main(["--records", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--vae", str(vae),
+                 "--image-size", "64", "--batch-size", "1", "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {
         "written": 1, "skipped": 0, "skipped_by_reason": {}}
     latent = RecordSource(tmp_path / "out")[0].segments[1].latent
@@ -146,9 +152,16 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(pixel_records, tmp_path
             (["--records", str(tmp_path / "none"), "--vae", str(golden_dir / "vae")], str(tmp_path / "none")),
             (["--records", str(records), "--vae", str(tmp_path)], str(tmp_path)),
             (["--records", str(records), "--vae", str(golden_dir / "vae"), "--image-size", "50"], "image_size 50"),
+            (["--records", str(records), "--vae", str(golden_dir / "vae"), "--image-size", "72"], "image_size 72"),
             (["--records", str(records), "--vae", str(golden_dir / "vae"), "--config.data.image_size=big"],
              "data.image_size=big")):
         assert main(argv + common) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and culprit in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "out").exists()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    assert main(["--records", str(records), "--vae", str(golden_dir / "vae"), *common]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and f"{tmp_path / 'out'} is not empty" in err and len(err.splitlines()) == 1, err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]

@@ -7,7 +7,7 @@
 One JSON object on stdout (and in ``--out``): the effective config, the machine's float32 matmul throughput
 and memory bandwidth measured in the same run (so each figure is also a fraction of this machine's limit),
 and one result per workload. The config fields and the report keys are a contract shared with other
-implementations measured on the same machine (README "Benchmarks"); ``cfg`` there is the guidance scale, as
+implementations measured on the same machine (docs/benchmarks.md); ``cfg`` there is the guidance scale, as
 in the official code. Thread limits must be in place before JAX starts, so JAX is imported only after them.
 """
 

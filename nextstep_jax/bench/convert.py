@@ -53,11 +53,24 @@ def _tensor_bytes(num_layers: int) -> list[tuple[str, tuple[int, ...]]]:
     return [("gen_pos_embed", (1, 1024, HIDDEN))] + [(e.torch_key, e.torch_shape) for e in nextstep_table(cfg)]
 
 
+def _release_bytes(num_layers: int) -> int:
+    return sum(4 * math.prod(s) for _, s in _tensor_bytes(num_layers))
+
+
+def num_layers_for(size_bytes: int) -> int:
+    """Decoder layers of the release closest to ``size_bytes``; ValueError if that is not within half a layer
+    of it, i.e. below the one-layer release (the embeddings and LM head alone are 806 MB at these dims)."""
+    smallest = _release_bytes(1)
+    per_layer = _release_bytes(2) - smallest
+    if not size_bytes >= smallest - per_layer / 2:  # also rejects nan
+        raise ValueError(f"--size-gb {size_bytes / 1e9:g}: the smallest release of the benchmark's dims (one "
+                         f"layer) is {smallest / 1e9:.2f} GB")
+    return max(1, round((size_bytes - smallest) / per_layer) + 1)
+
+
 def synthesise(folder: Path, size_bytes: int, max_shard_size: int) -> tuple[int, int]:
     """Write the release; returns (total bytes, largest tensor bytes)."""
-    per_layer = sum(4 * math.prod(s) for _, s in _tensor_bytes(2)) - sum(4 * math.prod(s) for _, s in _tensor_bytes(1))
-    fixed = sum(4 * math.prod(s) for _, s in _tensor_bytes(1)) - per_layer
-    num_layers = max(1, round((size_bytes - fixed) / per_layer))
+    num_layers = num_layers_for(size_bytes)
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(release_config(num_layers), indent=2, sort_keys=True) + "\n")
     (folder / "tokenizer_config.json").write_text("{}\n")
@@ -108,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="where to put the temporary files")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
     args = parser.parse_args(argv)
+    try:
+        num_layers_for(args.size_gb * 1e9)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     work = Path(tempfile.mkdtemp(prefix="convert_bench.", dir=args.workdir))
     try:

@@ -88,6 +88,17 @@ def _progress(total: int, desc: str, enabled: bool | None) -> tqdm:
                 disable=None if enabled is None else not enabled)
 
 
+def _copy_contents(src: Path, dst: Path) -> None:
+    """Copy a file or folder by content only, so what is written gets the ordinary umask modes, not the
+    source's (a read-only release must not give a read-only checkpoint)."""
+    if src.is_dir():
+        dst.mkdir(exist_ok=True)
+        for item in sorted(src.iterdir()):
+            _copy_contents(item, dst / item.name)
+    else:
+        shutil.copyfile(src, dst)
+
+
 def _copy_release_files(folder: Path, weight_files: tuple[Path, ...], out: Path, converted: set[str]
                         ) -> list[str]:
     """Copy every file of a release except its weights (tokenizer files, config, code) into ``out``;
@@ -101,11 +112,11 @@ def _copy_release_files(folder: Path, weight_files: tuple[Path, ...], out: Path,
             if is_checkpoint(item) or any(p.suffix in _WEIGHT_SUFFIXES for p in item.rglob("*")):
                 skipped.append(f"{item.name}/ (holds weights; convert it separately)")
             else:
-                shutil.copytree(item, out / item.name)
+                _copy_contents(item, out / item.name)
         elif item.suffix in _WEIGHT_SUFFIXES:
             skipped.append(f"{item.name} (weights this release does not use)")
         elif item.is_file():
-            shutil.copy2(item, out / item.name)
+            _copy_contents(item, out / item.name)
     return skipped
 
 
@@ -228,7 +239,7 @@ def export_release(src: str | Path, dest: str | Path, *, max_shard_size: int | N
 
         specs = [TensorSpec(r.key, r.shape, DTYPES[d], lambda k=r.key, d=DTYPES[d]: produce(k, d))
                  for r, d in zip(manifest.tensors, out_dtypes)]
-        shutil.copytree(Path(src) / RELEASE_DIR, tmp, dirs_exist_ok=True)
+        _copy_contents(Path(src) / RELEASE_DIR, tmp)
         if cast is not None and manifest.kind == "nextstep":
             _set_torch_dtype(tmp / "config.json", dtype)
         if manifest.kind == "vae":

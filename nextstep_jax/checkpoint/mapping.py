@@ -20,7 +20,8 @@ import numpy as np
 
 KINDS = ("copy", "linear", "conv")
 
-# Persistent buffers present in official files that carry no trainable state (REFERENCE §4.5).
+# Persistent buffers present in official files that carry no trainable state (gen_pos_embed: disabled in
+# every release).
 IGNORED_TORCH_KEYS = ("gen_pos_embed",)
 
 
@@ -162,7 +163,7 @@ def _decoder_layer(cfg, i: int) -> list[Entry]:
 
 def fm_head_table(cfg, torch_prefix: str = "image_head.net", flax_prefix: tuple[str, ...] = ("image_head",)
                   ) -> list[Entry]:
-    """SimpleMLPAdaLN (REFERENCE §9.1 ``image_head.net.*``)."""
+    """SimpleMLPAdaLN (release keys ``image_head.net.*``)."""
     tok = cfg.latent_channels * cfg.latent_patch_size ** 2
     dim, mlp = cfg.fm_head_dim, int(cfg.fm_head_dim * cfg.fm_head_mlp_ratio)
     p, f = torch_prefix, flax_prefix
@@ -234,7 +235,7 @@ def _vae_mid(key: str, path: tuple[str, ...], c: int) -> list[Entry]:
 
 
 def vae_table(cfg) -> list[Entry]:
-    """Every tensor of the VAE ``checkpoint.pt`` (REFERENCE §9.2), in PyTorch registration order."""
+    """Every tensor of the VAE ``checkpoint.pt`` (Flux/LDM key names), in PyTorch registration order."""
     # The level wiring lives with the model so the table and the modules cannot disagree.
     from nextstep_jax.models.vae import decoder_blocks, encoder_blocks
 

@@ -1,4 +1,4 @@
-"""Aspect-ratio buckets (REFERENCE §7.6, REFERENCE_TRAINING §5.3): token grids (h, w), 16 px per token.
+"""Aspect-ratio buckets (the official ``aspect_ratio.py``): token grids (h, w), 16 px per token.
 
 The official list holds 17 grids of ~256 tokens for 256 px training; for another ``image_size`` every grid
 is scaled by ``(image_size / 16) / 16``. That is exact at 256 and 512 px (the official resolutions); for

@@ -6,10 +6,10 @@ tokens float32 [h·w, C·p·p] (``image_input="latents"``, patchified from cache
 samples become ``Skipped(reason)`` so that packing can count them; configuration mistakes (pixel
 samples in a latent pipeline or vice versa, wrong latent channels) raise instead.
 
-Caption dropout follows the official recipe (REFERENCE_TRAINING §5.4): a dropped t2i sample is laid out
+Caption dropout follows the official training recipe: a dropped t2i sample is laid out
 image first, caption after, so the image is generated unconditionally (at the document start) and the
 caption becomes a captioning target. Unlike the official code the decision is drawn per element and
-epoch, not fixed per sample index (§7 #11). Edit samples: with ``edit_dropout`` the instruction (2/3)
+epoch, not fixed per sample index. Edit samples: with ``edit_dropout`` the instruction (2/3)
 or the source images (1/3) are dropped, the effective mix of the official {drop_text, drop_image,
 drop_image_text == drop_text}.
 """

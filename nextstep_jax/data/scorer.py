@@ -1,4 +1,4 @@
-"""Mini GenEval for the "shapes" dataset (design/SYNTHETIC.md, "Scoring").
+"""Mini GenEval for the "shapes" dataset (docs/shapes.md, "Scoring").
 
 Each pixel is explained as a blend ``a·colour + (1 - a)·white`` of one palette colour; it belongs to that
 colour when the blend fits (residual <= MAX_RESIDUAL) and the colour dominates (a >= 0.5), else it is

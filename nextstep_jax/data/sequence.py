@@ -1,4 +1,4 @@
-"""Token layout of one document (REFERENCE §7.2, REFERENCE_TRAINING §5.4).
+"""Token layout of one document (docs/model.md, "Sequence format").
 
 A document is a list of parts in reading order: text, or an image given by its token grid (h, w) and
 whether it is generated (gets flow-matching loss). Each image becomes the block

@@ -1,10 +1,10 @@
-"""The built-in synthetic dataset "shapes" (design/SYNTHETIC.md), deterministic by (seed, split, index).
+"""The built-in synthetic dataset "shapes" (docs/shapes.md), deterministic by (seed, split, index).
 
 Coordinates: an object is an axis-aligned square bounding box [x0, x0+side) x [y0, y0+side) in pixels;
 its centre is (x0 + side/2, y0 + side/2). Objects are drawn at 4x resolution and box-downsampled, so
 edges are blends of one palette colour with white and interiors keep the exact palette colour.
 
-Where SYNTHETIC.md leaves a choice: sides are integers in [ceil(a·S), floor(b·S)]; relation captions keep
+Choices within that description: sides are integers in [ceil(a·S), floor(b·S)]; relation captions keep
 centres apart by 0.2·S + 1 px (not just 0.2·S) so that the scorer, which measures centres from pixels to
 within half a pixel, accepts every ground-truth image; S = 16 cannot hold a "position" object (the
 centre cannot be 1 px inside a third with a 2 px border), so that category needs S >= 32.

@@ -3,7 +3,7 @@
 Both encode plain text only: structural special-token strings inside text (e.g. a caption that contains
 "<|image_placeholder|>") are never turned into structural ids by the HF tokenizer, and sequence.py
 rejects any text whose ids contain them anyway (SentencePiece user symbols always match). No BOS is
-added: the NextStep-1 tokenizer has none (REFERENCE §7.3).
+added: the NextStep-1 tokenizer has none.
 
 Tokenizers are picklable for Grain worker processes: they carry their serialised model and rebuild the
 native object lazily in each process.
@@ -26,7 +26,7 @@ SPECIAL_TOKENS = {
     "placeholder": "<|image_placeholder|>",
 }
 
-# Special tokens of the NextStep vocabulary beyond the structural ones (REFERENCE §7.1).
+# Special tokens of the NextStep vocabulary beyond the structural ones (prompt refinement, thinking).
 EXTRA_SPECIAL_TOKENS = ("<|begin_of_prompt_refinement|>", "<|end_of_prompt_refinement|>", "<|begin_of_thinking|>",
                         "<|end_of_thinking|>")
 
@@ -68,6 +68,10 @@ class HFTokenizer(_LazyNative):
         tokenizer = cls.__new__(cls)
         tokenizer._init(text)
         return tokenizer
+
+    def to_json(self) -> str:
+        """The text of this tokenizer's ``tokenizer.json`` (e.g. to ship a built-in tokenizer with a model)."""
+        return self._json
 
     def _init(self, text: str) -> None:
         self._json = text

@@ -1,11 +1,11 @@
-"""Image generation as one compiled program (REFERENCE §10, §15).
+"""Image generation as one compiled program (the official ``NextStepPipeline.generate_image``).
 
 ``Generator.generate`` builds the prompt rows of its captions (``prompts``) and runs, inside a single
 ``jax.jit``: VAE encoding of edit inputs, the prefill of the rows into a preallocated static KV cache,
 optional text decoding (``text_decoding``), then for every image token — condition (``image_out_projector``)
 → flow-matching sampler with guidance and its schedule → optional ``use_norm`` → ``image_in_projector`` →
 one decode step — in a ``lax.fori_loop``, and finally unpatchify (explicit grid) and VAE decode. The last
-token is not fed back (no wasted decode step, §14 #15) and the LM head never runs on image positions. One
+token is not fed back (no wasted decode step) and the LM head never runs on image positions. One
 compilation per (rows, prompt length, image size, sampler settings); the guidance scales, seed, text
 sampling temperature and top-p and the prompts themselves are runtime values.
 

@@ -1,4 +1,4 @@
-"""Prompt rows exactly as the official pipeline builds them (REFERENCE §7.3–7.5, §10 steps 2–5).
+"""Prompt rows exactly as the official pipeline builds them (``pipeline_nextstep.py``).
 
 Official behaviour reproduced (``NextStepPipeline._check_input`` / ``_build_captions`` / ``_add_prefix_ids``):
 each caption's single ``<image>`` becomes the image block of its input image; captions are repeated
@@ -8,9 +8,9 @@ follow: ``[negative]×n`` (text CFG) or ``[image block of the first image + nega
 ``<|image_area|>h*w<|begin_of_image|>`` is appended to every row. Special-token strings inside a prompt are
 tokenised as their ids, as the HF tokenizer does.
 
-Decided differently from the official code (REFERENCE §14): image guidance without text guidance is rejected
-(#3, ``settings.cfg_mult_for``); BOS is an explicit flag, never a silent drop of the first prefix token (#9);
-sizes must be multiples of the down factor (#27); a literal ``<image>`` without an input image and structural
+Decided differently from the official code (docs/model.md): image guidance without text guidance is rejected
+(``settings.cfg_mult_for``); BOS is an explicit flag, never a silent drop of the first prefix token; sizes
+must be multiples of the down factor; a literal ``<image>`` without an input image and structural
 special tokens written in a prompt (which would desynchronise placeholders and images) are errors.
 """
 

@@ -26,7 +26,7 @@ class SettingsError(ValueError):
 def cfg_mult_for(guidance_scale: float, image_guidance_scale: float) -> int:
     """Row groups of the guidance layout (the official ``cfg_mult``): 1 without guidance, 2 with text
     guidance, 3 with text and image guidance. Image-only guidance has no rows in the official layout and
-    is refused (REFERENCE §14 #3)."""
+    is refused: the official sampler would count rows the pipeline never built."""
     if guidance_scale == 1.0 and image_guidance_scale != 1.0:
         raise SettingsError(f"image_guidance_scale={image_guidance_scale} needs text CFG (guidance_scale != 1): "
                             "the official layout has no rows for image-only guidance")

@@ -1,5 +1,5 @@
 """Qwen2-style causal decoder: pre-norm layers stacked with ``nn.scan`` (one compiled layer) or unrolled,
-optional ``nn.remat``, and a static KV cache for decoding (REFERENCE §3).
+optional ``nn.remat``, and a static KV cache for decoding.
 
 The cache is an explicit pytree, not a Flax collection, holding post-RoPE keys: with scanned layers
 ``{"k", "v"}`` of shape [layers, B, KV, S, D]; unrolled, a list of per-layer ``{"k", "v"}`` [B, KV, S, D]

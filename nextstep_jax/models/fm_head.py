@@ -1,5 +1,5 @@
-"""Flow-matching head of NextStep-1 (REFERENCE §5): the `SimpleMLPAdaLN` network and its training loss; its
-samplers are in ``fm_sampler``.
+"""Flow-matching head of NextStep-1 (the official `modeling_fm_head.py`): the `SimpleMLPAdaLN` network and its
+training loss; its samplers are in ``fm_sampler``.
 
 Numerics: params float32, matmuls in the compute dtype; LayerNorm statistics, the sinusoidal time features and
 the loss in float32.
@@ -185,7 +185,7 @@ class SimpleMLPAdaLN(nn.Module):
 def flow_matching_loss(net_fn: VelocityFn, target: jax.Array, c: jax.Array, mask: jax.Array | None = None, *,
                        batch_mul: int = 1, key: jax.Array | None = None, noise: jax.Array | None = None,
                        u: jax.Array | None = None) -> jax.Array:
-    """Scalar float32 flow-matching loss (REFERENCE §5.2).
+    """Scalar float32 flow-matching loss: x_t = t·x1 + (1 - t)·noise, MSE of the velocity against x1 - noise.
 
     Rows of (target, c, mask) are tiled ``batch_mul`` times as whole blocks; ``noise`` [N·batch_mul, D] and
     ``u`` [N·batch_mul] (t = sigmoid(u)) are injected or drawn from ``key``.

@@ -1,4 +1,4 @@
-"""Samplers of the flow-matching head (REFERENCE §5.3–5.5): the released SDE sampler, the NextStep-1.1 time
+"""Samplers of the flow-matching head: the released SDE sampler (``FlowMatchingHead.sample``), the NextStep-1.1 time
 grid, a plain Euler ODE, classifier-free guidance and its per-token schedules.
 
 Numerics: the sampler state, score, drift and noise are float32; only the network inputs (x, t) are cast to
@@ -78,7 +78,7 @@ def _check_repeat(batch: int, noise_repeat: int) -> None:
 
 def combine_guidance(v: jax.Array, cfg_mult: int, guidance_scale=1.0, image_guidance_scale=1.0) -> jax.Array:
     """Guided velocity from rows [cond; uncond] (``cfg_mult`` 2) or [cond; uncond1; uncond2] (3)
-    (REFERENCE §5.4; the official code calls the two scales ``cfg`` and ``cfg_img``)."""
+    (the official code calls the two scales ``cfg`` and ``cfg_img``)."""
     if cfg_mult == 1:
         return v
     if cfg_mult == 2:
@@ -91,7 +91,7 @@ def combine_guidance(v: jax.Array, cfg_mult: int, guidance_scale=1.0, image_guid
 
 
 def guidance_at(schedule: str, scale, k, num_tokens: int):
-    """Guidance scale for image token k of ``num_tokens`` (REFERENCE §5.5): "constant"; "linear" = the
+    """Guidance scale for image token k of ``num_tokens``: "constant"; "linear" = the
     official NextStep-1 pipeline's, decreasing from ``scale`` towards 1 over the tokens;
     "linear_increasing" = the later official pipeline's ``max(scale/2, 1 + (scale-1)·k/M)``."""
     if schedule == "constant":
@@ -153,7 +153,7 @@ def sample(velocity_fn: VelocityFn, cond: Any, *, cfg_mult: int, guidance_scale=
     if len(ts) > 1:  # a one-point grid has no steps here (and fori_loop would still trace the body on dts[0])
         x = jax.lax.fori_loop(0, len(ts) - 1, step, x)
     if grid == "nextstep1":
-        # Fixed-size terminal Euler step: ends at t = ts[-1] + δ (< 1 for shift != 1, §14 #4).
+        # Fixed-size terminal Euler step: ends at t = ts[-1] + δ (< 1 for shift != 1, as released).
         x = x + guided_v(x, ts_j[-1]) * jnp.float32(last_step_size)
     return x
 

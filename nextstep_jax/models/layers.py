@@ -58,7 +58,7 @@ class Projection(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Qwen2 RMSNorm with the reference rounding (REFERENCE §3.3): normalise in float32, cast back to the
+    """Qwen2 RMSNorm with the official rounding (``modeling_llama.py``): normalise in float32, cast back to the
     input dtype, then multiply by the weight."""
 
     eps: float = 1e-5

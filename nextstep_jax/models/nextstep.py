@@ -1,6 +1,6 @@
 """The whole NextStep model: text embeddings + ``image_in_projector`` at placeholder positions, the
 backbone, ``lm_head`` for text and ``image_out_projector`` -> flow-matching head for image tokens, and the
-joint training loss (REFERENCE §1, §4, §6).
+joint training loss.
 
 Image tokens travel position-aligned: ``image_tokens`` [B, T, token_dim] holds the 64-d token at every
 placeholder position (anything elsewhere is ignored), so every shape is static under jit.
@@ -16,7 +16,7 @@ from nextstep_jax.models.attention import attention_mask
 from nextstep_jax.models.backbone import Backbone
 from nextstep_jax.models.fm_head import SimpleMLPAdaLN, flow_matching_errors
 from nextstep_jax.models.layers import as_dtype, normal_init, partitioned
-from nextstep_jax.sharding import constrain
+from nextstep_jax.sharding import LOGICAL_AXIS_RULES, constrain, shardings_of, use_mesh
 
 IGNORE_INDEX = -100
 
@@ -123,7 +123,7 @@ class NextStep(nn.Module):
     # ------------------------------------------------------------------------------------------- loss
     def loss(self, input_ids, labels, image_tokens=None, image_loss_mask=None, attention_mask_2d=None,
              segment_ids=None, positions=None, *, rng=None, fm_noise=None, fm_u=None, totals=None):
-        """Joint loss ``lm_loss_weight·CE + im_loss_weight·FM`` (REFERENCE §6) -> (loss, metrics).
+        """Joint loss ``lm_loss_weight·CE + im_loss_weight·FM`` -> (loss, metrics).
 
         Position i predicts token i+1: LM cross-entropy where token i+1 is text and ``labels[i+1]`` !=
         -100; flow matching where token i+1 is an image placeholder, with target ``image_tokens[i+1]`` and
@@ -290,10 +290,10 @@ def init_params(cfg, rng: jax.Array, mesh=None, rules=None) -> dict:
     init = lambda key: nn.unbox(NextStep(cfg).init(key, *_init_inputs(cfg), method=NextStep.touch_all))["params"]
     if mesh is None:
         return jax.jit(init)(rng)
-    from nextstep_jax.sharding import LOGICAL_AXIS_RULES, shardings_of
-
-    shardings = shardings_of(abstract_variables(cfg), mesh, rules or LOGICAL_AXIS_RULES)["params"]
-    return jax.jit(init, out_shardings=shardings)(rng)
+    rules = rules or LOGICAL_AXIS_RULES
+    shardings = shardings_of(abstract_variables(cfg), mesh, rules)["params"]
+    with use_mesh(mesh, rules):  # the parameters' own constraints apply inside the init program too
+        return jax.jit(init, out_shardings=shardings)(rng)
 
 
 def abstract_variables(cfg) -> dict:

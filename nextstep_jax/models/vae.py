@@ -1,4 +1,4 @@
-"""Flux-style AutoencoderKL image tokenizer with NextStep's latent normalisation (REFERENCE §8).
+"""Flux-style AutoencoderKL image tokenizer with NextStep's latent normalisation (the official `modeling_flux_vae.py`).
 
 NHWC everywhere: images [B, H, W, in_channels] in [-1, 1], VAE latents [B, H/f, W/f, z] with
 f = 2**(len(ch_mult) - 1). Parameter names mirror the PyTorch keys (``down.0.block.1`` -> ``down_0/block_1``)
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from nextstep_jax.latents import normalize_tokens, patchify, unpatchify
+from nextstep_jax.sharding import constrain
 
 NUM_GROUPS = 32
 NORM_EPS = 1e-6
@@ -72,7 +73,7 @@ def _conv(features: int, kernel: int, dtype, name: str, stride: int = 1, padding
 
 
 def _constrain(x):
-    return nn.with_logical_constraint(x, ACTIVATION_AXES)
+    return constrain(x, ACTIVATION_AXES)
 
 
 class GroupNorm(nn.Module):

@@ -28,7 +28,8 @@ from nextstep_jax.models.nextstep import abstract_variables
 def _matmul_params(tree) -> int:
     """Kernel entries of a parameter subtree (biases and norm scales do no matmul work)."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return sum(math.prod(leaf.shape) for path, leaf in flat if getattr(path[-1], "key", None) in ("kernel", "embedding"))
+    return sum(math.prod(leaf.shape) for path, leaf in flat
+               if getattr(path[-1], "key", None) in ("kernel", "embedding"))
 
 
 def forward_flops_per_token(model_cfg, seq_len: int, with_images: bool = True) -> dict[str, float]:

@@ -28,7 +28,7 @@ class TrainState:
     step: jax.Array  # int32 scalar: updates applied (skipped non-finite steps included)
     params: Any
     opt_state: Any
-    rng: jax.Array  # uint32 [2] root key; the key of a step is fold_in(rng, step)
+    rng: jax.Array  # uint32 [2]; the key of a step is fold_in(rng, step), of its row i fold_in(that, i)
     skipped: jax.Array  # int32 scalar: steps whose update was skipped for a non-finite loss or gradient
 
 
@@ -64,8 +64,9 @@ def state_shardings(abstract_state: TrainState, params_shardings, mesh: Mesh) ->
 
 
 def _new_state(params, optimizer: optax.GradientTransformation, seed) -> TrainState:
+    # The step stream is folded off the seed, apart from the key a fresh init draws params from.
     return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
-                      rng=jax.random.PRNGKey(seed), skipped=jnp.int32(0))
+                      rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1), skipped=jnp.int32(0))
 
 
 def abstract_train_state(model_cfg, optimizer: optax.GradientTransformation, mesh: Mesh,

@@ -36,6 +36,8 @@ from nextstep_jax.training.state import TrainState, abstract_train_state
 NONFINITE_MODES = ("skip", "stop")
 METRICS = ("loss", "lm_loss", "im_loss", "lm_tokens", "image_tokens", "grad_norm", "nonfinite", "skipped")
 _FM_STREAM, _VAE_STREAM = 0, 1
+BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions", "image_loss_mask", "image_tokens", "images",
+              "image_slots")
 
 
 def train_step_config(**overrides: Any) -> ml_collections.ConfigDict:
@@ -93,6 +95,7 @@ def make_train_step(config, model: NextStep, optimizer: optax.GradientTransforma
     validate_mesh(config, mesh, rules)
     cfg = model.cfg
     microbatches = int(options.microbatches)
+    state_sharding = jax.tree.map(lambda s: s.sharding, abstract_train_state(cfg, optimizer, mesh, rules))
 
     def model_loss(params, batch, row_keys, vae_params, totals):
         if "images" in batch:
@@ -128,7 +131,8 @@ def make_train_step(config, model: NextStep, optimizer: optax.GradientTransforma
             grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
             return (grads, {k: sums[k] + metrics[k] for k in sums}), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        zeros = jax.lax.with_sharding_constraint(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+                                                 state_sharding.params)
         sums = {k: jnp.float32(0.0) for k in ("loss", "lm_loss", "im_loss")}
         (grads, sums), _ = jax.lax.scan(body, (zeros, sums),
                                         {"batch": jax.tree.map(split, batch), "keys": split(row_keys)})
@@ -141,7 +145,7 @@ def make_train_step(config, model: NextStep, optimizer: optax.GradientTransforma
         step_key = jax.random.fold_in(state.rng, state.step)
         row_keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(rows))
         metrics, grads = loss_and_grads(state.params, batch, row_keys, vae_params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -153,20 +157,22 @@ def make_train_step(config, model: NextStep, optimizer: optax.GradientTransforma
                    "skipped": skipped.astype(jnp.float32)}
         return new_state, {k: metrics[k] for k in METRICS}
 
-    abstract = abstract_train_state(cfg, optimizer, mesh, rules)
-    state_sharding = jax.tree.map(lambda s: s.sharding, abstract)
     replicated = NamedSharding(mesh, PartitionSpec())
     jitted = jax.jit(step, in_shardings=(state_sharding, batch_sharding(mesh, rules), None),
                      out_shardings=(state_sharding, replicated), donate_argnums=(0,) if donate else ())
 
     def run(state, batch, vae_params=None):
         with use_mesh(mesh, rules):
-            return jitted(state, batch, vae_params)
+            return jitted(state, _model_arrays(batch), vae_params)
 
     def lower(state, batch, vae_params=None):
         with use_mesh(mesh, rules):
-            return jitted.lower(state, batch, vae_params)
+            return jitted.lower(state, _model_arrays(batch), vae_params)
 
     run.lower = lower
-    run.jitted = jitted
     return run
+
+
+def _model_arrays(batch) -> dict:
+    """The arrays of a packed batch the step reads (a pipeline batch may carry more, e.g. stats)."""
+    return {k: v for k, v in batch.items() if k in BATCH_KEYS}

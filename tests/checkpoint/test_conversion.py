@@ -86,6 +86,23 @@ def test_vae_round_trip_writes_safetensors_with_the_original_keys(converted, gol
     assert verify_checkpoints(tmp_path / "out", golden_dir / "vae" / "checkpoint.pt") == []
 
 
+def test_a_model_release_carries_its_vae_through_import_export_and_verify(golden_dir, tmp_path):
+    release = tmp_path / "release"
+    shutil.copytree(golden_dir / "model", release)
+    shutil.copytree(golden_dir / "vae", release / "vae")
+    report = import_release(release, tmp_path / "ckpt", progress=False)
+    vae_tensors = safetensors.numpy.load_file(golden_dir / "vae" / "checkpoint.safetensors")
+    assert report.tensors == len(_tensors(golden_dir / "model")) + len(vae_tensors) and report.skipped == ()
+    assert ConvertedView(tmp_path / "ckpt" / "vae").manifest.kind == "vae"
+    assert not (tmp_path / "ckpt" / "release" / "vae").exists()
+    assert verify_checkpoints(release, tmp_path / "ckpt") == []
+    export_release(tmp_path / "ckpt", tmp_path / "out", progress=False)
+    assert sorted(p.name for p in (tmp_path / "out" / "vae").iterdir()) == ["checkpoint.safetensors", "config.json"]
+    _assert_same_tensors(safetensors.numpy.load_file(tmp_path / "out" / "vae" / "checkpoint.safetensors"), vae_tensors)
+    assert verify_checkpoints(tmp_path / "out", release) == []
+    assert verify_checkpoints(golden_dir / "model", tmp_path / "ckpt") == [f"vae/: only in {tmp_path / 'ckpt'}"]
+
+
 def test_resharding_and_single_file_exports(converted, tmp_path):
     release, checkpoint = converted["model"]
     want = _tensors(release)
@@ -166,11 +183,14 @@ def test_inspect(converted, golden_dir, capsys):
     assert summary["buffers"] == ["gen_pos_embed"]
     assert summary["num_parameters"] == sum(a.size for k, a in _tensors(release).items() if k != "gen_pos_embed")
     assert inspect_checkpoint(release)["tensors"] == summary["tensors"]
+    config = json.loads((release / "config.json").read_text())
     text = format_inspection(summary)
-    assert "layers.*.mlp.down_proj.weight x2" in text and "[64, 128]" in text
+    assert f"layers.*.mlp.down_proj.weight x{config['num_hidden_layers']}" in text
+    assert str([config["hidden_size"], config["intermediate_size"]]) in text
     assert "embed_tokens.weight" in text and "schema 1.0" in text
     vae = inspect_checkpoint(golden_dir / "vae" / "checkpoint.pt")
-    assert vae["kind"] is None and vae["num_tensors"] == 180
+    vae_tensors = safetensors.numpy.load_file(golden_dir / "vae" / "checkpoint.safetensors")
+    assert vae["kind"] is None and vae["num_tensors"] == len(vae_tensors)
     assert main(["inspect", str(converted["vae"][1]), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["kind"] == "vae"
 

@@ -132,7 +132,7 @@ def test_truncated_file_is_named(golden_dir, tmp_path):
 
 
 def test_o_proj_bias_presence_decides(golden_dir, tmp_path):
-    """REFERENCE §14 #14: an o_proj.bias in the weights is loaded even if the config says otherwise."""
+    """An o_proj.bias in the weights is loaded even if the config says otherwise."""
     tensors = _tensors(golden_dir / "model")
     cfg, _ = load_model(golden_dir / "model")
     assert not cfg.o_attention_bias

@@ -1,3 +1,4 @@
+import json
 import types
 
 import numpy as np
@@ -14,16 +15,31 @@ def _official_prefix(load_case, case: str, pad: int) -> list[int]:
     return [t for t in row if t != pad]
 
 
-def test_t2i_prefix_matches_official_pipeline(tokenizer, load_case):
-    """The official NextStepPipeline built `caption <|image_area|>4*4 <|begin_of_image|>` (golden case i)."""
-    layout = layout_document(["A red fox sitting in the snow.", ImagePart((4, 4), True)], tokenizer)
+def _pipeline_call(golden_dir, case: str) -> tuple[str, tuple[int, int], int]:
+    """(caption as the official pipeline writes it, output token grid, pixels per token) of golden case i."""
+    call = json.loads((golden_dir / "cases" / f"{case}.json").read_text())
+    vae = json.loads((golden_dir / "vae" / "config.json").read_text())
+    model = json.loads((golden_dir / "model" / "config.json").read_text())
+    per_token = 2 ** (len(vae["ch_mult"]) - 1) * model.get("latent_patch_size", model.get("patch_size"))
+    # NextStepPipeline.generate_image appends the positive prompt after one space.
+    caption = call["captions"] + (f" {call['positive_prompt']}" if call["positive_prompt"] else "")
+    return caption, (call["hw"][0] // per_token, call["hw"][1] // per_token), per_token
+
+
+def test_t2i_prefix_matches_official_pipeline(tokenizer, load_case, golden_dir):
+    """The official NextStepPipeline built `caption <|image_area|>h*w <|begin_of_image|>` (golden case i)."""
+    caption, grid, _ = _pipeline_call(golden_dir, "i_pipeline_t2i")
+    layout = layout_document([caption, ImagePart(grid, True)], tokenizer)
     official = _official_prefix(load_case, "i_pipeline_t2i", tokenizer.special.pad)
     assert layout.input_ids[: len(official)].tolist() == official
 
 
-def test_edit_prefix_matches_official_pipeline(tokenizer, load_case):
-    parts = [ImagePart((4, 4), False), "Add a pirate hat to the dog's head.", ImagePart((4, 4), True)]
-    layout = layout_document(parts, tokenizer)
+def test_edit_prefix_matches_official_pipeline(tokenizer, load_case, golden_dir):
+    caption, grid, per_token = _pipeline_call(golden_dir, "i_pipeline_edit")
+    before, after = caption.split("<image>")
+    height, width = load_case("i_pipeline_edit")["input_image_uint8"].shape[:2]
+    parts = [before, ImagePart((height // per_token, width // per_token), False), after, ImagePart(grid, True)]
+    layout = layout_document([p for p in parts if p != ""], tokenizer)
     official = _official_prefix(load_case, "i_pipeline_edit", tokenizer.special.pad)
     assert layout.input_ids[: len(official)].tolist() == official
 

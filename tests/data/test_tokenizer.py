@@ -19,7 +19,7 @@ def test_area_prefix_matches_the_official_string(tokenizer, golden_dir):
     for grid in ((16, 16), (8, 32), (4, 4), (123, 7)):
         expected = native.encode(f"<|image_area|>{grid[0]}*{grid[1]}", add_special_tokens=False).ids
         assert area_prefix_ids(grid, tokenizer) == expected
-    # Digits are split one by one (REFERENCE §7.2): "16*16" is five tokens.
+    # Digits are split one by one, as Qwen2's tokenizer does: "16*16" is five tokens.
     assert len(area_prefix_ids((16, 16), tokenizer)) == 6
 
 

@@ -1,5 +1,5 @@
 """Prompt rows against the official pipeline's (golden i_pipeline_* cases) and the layout rules of
-REFERENCE §7.3–7.5. Every size and setting comes from the golden files."""
+docs/model.md. Every size and setting comes from the golden files."""
 
 from __future__ import annotations
 

@@ -66,6 +66,10 @@ def test_sample_head_equals_plain_forward_sampling(golden_head, load_case):
 
 # --- sampler: independent references ------------------------------------------------------------------------
 def _grid64(n, shift, delta, grid):
+    """The official grids in float64. NextStep-1: ``FlowMatchingHead.sample`` (stepfun-ai/NextStep-1,
+    nextstep/models/modeling_fm_head.py): N points linspace(0, 1 - δ, N), each shifted t / (s - (s - 1)·t), then
+    a final δ step. NextStep-1.1: the sampler of the release's own model code (heads.py of the
+    stepfun-ai/NextStep-1.1 checkpoint): linspace(0, 1, N + 1) without its last point, shifted, then 1."""
     if grid == "nextstep1":
         tau = np.linspace(0, 1 - delta, n)
         return tau / (shift - (shift - 1) * tau)
@@ -128,7 +132,7 @@ def test_ode_sampler_closed_form(grid):
 
 
 def test_timestep_grids():
-    ts = timesteps(50, 3.2)  # REFERENCE §5.3 numerical check
+    ts = timesteps(50, 3.2)  # the shifted grid worked out by hand: with shift 3.2 it stops short of 1
     np.testing.assert_allclose(ts[[1, 2, -2, -1]], [0.00621, 0.01258, 0.8314, 0.8824], atol=1e-4)
     assert abs(ts[-1] + 0.04 - 0.922) < 1e-3
     assert timesteps(50)[-1] == np.float32(0.96) and ts.dtype == np.float32

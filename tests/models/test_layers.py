@@ -83,3 +83,30 @@ def test_swiglu_mlp_matches_float64():
     up = x64 @ params["up_proj"]["kernel"]
     ref = (gate / (1 + np.exp(-gate)) * up) @ params["down_proj"]["kernel"]
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_projection_matches_dense_general_and_keeps_its_rank_under_a_mesh():
+    """Same kernel values and outputs as nn.DenseGeneral for the same key, but created in its real shape, so a
+    live rank-3 sharding constraint accepts it (DenseGeneral initialises a flattened 2-D kernel)."""
+    from nextstep_jax.models.layers import Projection
+    from nextstep_jax.sharding import make_mesh, use_mesh
+
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 5, 8)), jnp.float32)
+    ours = Projection((3, 4), ("embed", "heads", "head_dim"), use_bias=True)
+    ref = nn.DenseGeneral((3, 4), use_bias=True, kernel_init=nn.initializers.normal(0.02))
+    key = jax.random.key(0)
+    with use_mesh(make_mesh({"fsdp": 1}, devices=jax.devices()[:1])):
+        boxed = ours.init(key, x)
+    assert boxed["params"]["kernel"].names == ("embed", "heads", "head_dim")
+    assert boxed["params"]["kernel"].value.shape == (8, 3, 4)
+    variables = nn.unbox(boxed)
+    ref_vars = ref.init(key, x)
+    np.testing.assert_array_equal(variables["params"]["kernel"], ref_vars["params"]["kernel"])
+    variables["params"]["bias"] = jnp.arange(12.0).reshape(3, 4)
+    np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x), rtol=1e-6, atol=1e-6)
+    # Contracting two input axes (o_proj: [heads, head_dim] -> embed).
+    out = Projection((6,), ("heads", "head_dim", "embed"), in_axes=2)
+    v = out.init(key, x.reshape(2, 5, 2, 4))
+    ref2 = nn.DenseGeneral(6, axis=(-2, -1), use_bias=False, kernel_init=nn.initializers.normal(0.02))
+    np.testing.assert_allclose(out.apply(nn.unbox(v), x.reshape(2, 5, 2, 4)),
+                               ref2.apply(nn.unbox(v), x.reshape(2, 5, 2, 4)), rtol=1e-6, atol=1e-6)

@@ -1,12 +1,16 @@
 """The joint loss against an independent float64 computation from the model's own logits, including
-text-only batches, label masking, padding and packed-document boundaries."""
+text-only batches, label masking, padding and packed-document boundaries; sequence chunking against the golden
+training case; per-row keys that make microbatch losses add up."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nextstep_jax.models.nextstep import IGNORE_INDEX, NextStep
+from golden_inputs import image_loss_mask, image_tokens
+from nextstep_jax.configs import replace
+from nextstep_jax.models.nextstep import IGNORE_INDEX, NextStep, loss_counts
+from numerics import assert_close_rel
 
 
 def _ce_ref(logits, labels, valid):
@@ -73,3 +77,59 @@ def test_image_only_batch_has_zero_lm_loss(model):
                             rng=jax.random.key(0), method=NextStep.loss)
     assert float(metrics["lm_loss"]) == 0.0 and float(metrics["image_tokens"]) == 5
     assert np.isfinite(float(loss)) and float(loss) == pytest.approx(cfg.im_loss_weight * float(metrics["im_loss"]))
+
+
+def _golden_training_inputs(cfg, case, prefix):
+    ids = case[f"{prefix}_input_ids"]
+    latents = [case[k] for k in sorted(case) if k.startswith(f"{prefix}_latent") and not k.endswith("_mask")]
+    return (jnp.asarray(ids), jnp.asarray(case[f"{prefix}_labels"]), image_tokens(cfg, ids, latents),
+            image_loss_mask(cfg, ids, latents, case[f"{prefix}_latents_mask"]))
+
+
+@pytest.mark.parametrize("prefix", ["g1", "g2"])
+def test_chunked_loss_matches_golden_and_one_chunk(golden_model, load_case, prefix):
+    """Sequence chunks (dividing T or not) change neither the golden loss nor the gradients."""
+    case = load_case("g_train_loss")
+    cfg, variables = golden_model(loss_uses_out_projector=False)
+    inputs = _golden_training_inputs(cfg, case, prefix)
+    t = inputs[0].shape[1]
+    results = {}
+    for chunk in (t, 7, 1):
+        model = NextStep(replace(cfg, loss_chunk_size=chunk))
+
+        def loss_fn(v):
+            return model.apply(v, *inputs, fm_noise=jnp.asarray(case[f"{prefix}_noise"]),
+                               fm_u=jnp.asarray(case[f"{prefix}_u"]), method=NextStep.loss)
+
+        with jax.default_matmul_precision("highest"):
+            results[chunk] = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables)
+    for chunk, ((_, metrics), grads) in results.items():
+        for name in ("loss", "lm_loss", "im_loss"):
+            assert_close_rel(metrics[name], case[f"{prefix}_{name}"], 1e-4, f"chunk {chunk} {name}")
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(results[t][1])):
+            assert_close_rel(a, b, 1e-5, f"chunk {chunk} grads")
+
+
+def test_rows_with_their_own_keys_add_up(golden_model):
+    """With one key per row and the whole batch's counts as ``totals``, the loss of a batch is the sum of the
+    losses of its rows: what microbatching relies on."""
+    cfg, variables = golden_model()
+    m = NextStep(cfg)
+    rng = np.random.default_rng(4)
+    ids = rng.integers(0, cfg.boi, (3, 10)).astype(np.int32)
+    ids[:, 3:7] = cfg.image_placeholder_id
+    labels = np.where(ids == cfg.image_placeholder_id, IGNORE_INDEX, ids)
+    tokens = rng.standard_normal((3, 10, 64)).astype(np.float32)
+    keys = jax.random.split(jax.random.key(9), 3)
+    totals = loss_counts(cfg, jnp.asarray(ids), jnp.asarray(labels))
+    with jax.default_matmul_precision("highest"):
+        whole, metrics = m.apply(variables, jnp.asarray(ids), jnp.asarray(labels), jnp.asarray(tokens), rng=keys,
+                                 totals=totals, method=NextStep.loss)
+        own, _ = m.apply(variables, jnp.asarray(ids), jnp.asarray(labels), jnp.asarray(tokens), rng=keys,
+                         method=NextStep.loss)
+        parts = [m.apply(variables, jnp.asarray(ids[i:i + 1]), jnp.asarray(labels[i:i + 1]),
+                         jnp.asarray(tokens[i:i + 1]), rng=keys[i:i + 1], totals=totals, method=NextStep.loss)[0]
+                 for i in range(3)]
+    assert float(whole) == pytest.approx(float(own), rel=1e-6)
+    assert float(whole) == pytest.approx(sum(float(p) for p in parts), rel=1e-5)
+    assert float(metrics["image_tokens"]) == 3 * 4 and float(metrics["lm_tokens"]) == float(totals["lm_tokens"])

@@ -1,4 +1,5 @@
-"""Parameter counts of the released 14B configuration without allocating (REFERENCE §3.1, §5.1)."""
+"""Parameter counts of the released 14B configuration without allocating (backbone and its 157M-parameter
+flow-matching head)."""
 
 import jax
 import numpy as np

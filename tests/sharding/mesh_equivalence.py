@@ -24,11 +24,17 @@ from nextstep_jax.sharding import batch_sharding, make_mesh, shardings_of, use_m
 from nextstep_jax.training.state import init_train_state
 from nextstep_jax.training.step import make_train_step
 
-MESHES = [
-    {"data": 8, "fsdp": 1, "tensor": 1},
-    {"data": 2, "fsdp": 2, "tensor": 2},
-    {"data": 1, "fsdp": 2, "tensor": 4},  # tensor 4 > 2 KV heads: KV heads replicated
-]
+def meshes(cfg) -> list[dict[str, int]]:
+    """(data, fsdp, tensor) shapes on up to 8 devices for the golden model's sizes, one with more tensor shards
+    than KV heads (the smallest that divides the query heads; it may leave devices unused)."""
+    tensor = next((t for t in range(cfg.num_kv_heads + 1, 9) if cfg.num_heads % t == 0), None)
+    assert tensor, f"no tensor size in ({cfg.num_kv_heads}, 8] divides {cfg.num_heads} heads"
+    return [{"data": 8, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2},
+            {"data": 1, "fsdp": 8 // tensor, "tensor": tensor}]
+
+
+def _mesh(shape):
+    return make_mesh(shape, devices=jax.devices()[:int(np.prod(list(shape.values())))])
 
 
 def _batch(cfg, rows, length, seed):
@@ -109,7 +115,7 @@ def temporaries(cfg, params, mesh_shapes, rows, length):
     ids = jax.ShapeDtypeStruct((rows, length), jnp.int32)
     model = NextStep(cfg)
     for shape in mesh_shapes:
-        mesh = make_mesh(shape, devices=jax.devices()[:int(np.prod(list(shape.values())))])
+        mesh = _mesh(shape)
         with use_mesh(mesh):
             shardings = shardings_of(abstract_variables(cfg), mesh)["params"]
             p = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
@@ -127,23 +133,24 @@ def main(golden_model_dir: str) -> None:
     one = make_mesh({"fsdp": 1}, devices=jax.devices()[:1])
     ref = _run(cfg, params, batch, one)
     report = {"meshes": [], "kv_heads": cfg.num_kv_heads}
-    for shape in MESHES:
-        r = _run(cfg, params, batch, make_mesh(shape))
+    for shape in meshes(cfg):
+        r = _run(cfg, params, batch, _mesh(shape))
+        metrics = ("loss", "lm_loss", "im_loss", "grad_norm")
         report["meshes"].append({
             "mesh": shape, "loss": [float(r["loss"]), float(ref["loss"])],
             "grad_err": _rel_errors(r["grads"], ref["grads"]),
-            "step_metrics_err": _rel_errors({k: r["metrics"][k] for k in ("loss", "lm_loss", "im_loss", "grad_norm")},
-                                            {k: ref["metrics"][k] for k in ("loss", "lm_loss", "im_loss", "grad_norm")}),
+            "step_metrics_err": _rel_errors({k: r["metrics"][k] for k in metrics},
+                                            {k: ref["metrics"][k] for k in metrics}),
             "updated_params_err": _rel_errors(r["params"], ref["params"]),
             "update_size": _rel_errors(r["params"], params),
             "forward_constraints": r["forward_constraints"], "step_constraints": r["step_constraints"]})
     # Gradient accumulation: two microbatches give the one-batch step.
-    r = _run(cfg, params, batch, make_mesh(MESHES[1]), microbatches=2)
+    r = _run(cfg, params, batch, _mesh(meshes(cfg)[1]), microbatches=2)
     report["microbatches"] = {"updated_params_err": _rel_errors(r["params"], ref["params"]),
                               "loss": [float(r["metrics"]["loss"]), float(ref["metrics"]["loss"])]}
 
     # Decode (also in the fused layout) and placement on (2, 2, 2).
-    mesh = make_mesh(MESHES[1])
+    mesh = _mesh(meshes(cfg)[1])
     model = NextStep(cfg)
     ids = jnp.asarray(batch["input_ids"][:4])
     ref_decode = jax.jit(lambda p, i: _decode(model, p, i))(params, ids)
@@ -171,7 +178,7 @@ def main(golden_model_dir: str) -> None:
     })
 
     # One KV head and an odd vocabulary on tensor=2: both dimensions replicated, same results.
-    odd = replace(cfg, num_kv_heads=1, vocab_size=cfg.vocab_size - 13)
+    odd = replace(cfg, num_kv_heads=1, vocab_size=cfg.vocab_size - 1 + cfg.vocab_size % 2)
     odd_params = init_params(odd, jax.random.key(3))
     odd_batch = _batch(odd, 4, 12, 1)
     odd_ref = _run(odd, odd_params, odd_batch, one)

@@ -72,7 +72,7 @@ def model_config_from_release(release: dict | str | Path) -> ml_collections.Conf
             rope_theta=float(release.get("rope_theta", 1_000_000.0)),
             rms_norm_eps=float(release.get("rms_norm_eps", 1e-5)),
             attention_bias=attention_bias,
-            # Official behaviour: a missing o_attention_bias follows attention_bias (REFERENCE §14 #14).
+            # Official behaviour: a missing o_attention_bias follows attention_bias.
             o_attention_bias=bool(release.get("o_attention_bias", attention_bias)),
             mlp_bias=bool(release.get("mlp_bias", False)),
             tie_word_embeddings=bool(release.get("tie_word_embeddings", False)),
@@ -114,14 +114,14 @@ def vae_config_from_release(release: dict | str | Path) -> ml_collections.Config
     missing = {"scaling_factor", "shift_factor"} - set(release)
     if missing:
         raise CheckpointError(f"{source}: VAE config lacks {sorted(missing)}; refusing to guess the latent "
-                              "normalisation (REFERENCE §14 #11)")
+                              "normalisation (the code defaults are Flux's, not the release's)")
     fields = dict(release)
     if "psz" in fields and fields["psz"] is None:
         fields["psz"] = 1  # no patch grouping: encoder_norm normalises each pixel's z channels
     try:
         if "ch_mult" in fields:
             fields["ch_mult"] = tuple(int(m) for m in fields["ch_mult"])
-        # Fields a config.json omits fall back to the released tokenizer's values, as REFERENCE §8.1 asks
+        # Fields a config.json omits fall back to the released tokenizer's values
         # (the scaling/shift pair is required above: guessing it would silently use the wrong latent space).
         return vae_config(**fields)
     except (TypeError, ValueError) as e:
@@ -139,6 +139,6 @@ def read_release_config(folder: str | Path, kind: str) -> ml_collections.ConfigD
 def complete_model_config(cfg: ml_collections.ConfigDict, keys: list[str], *, scan_layers: bool
                           ) -> ml_collections.ConfigDict:
     """A copy of a release's model config with the layer layout and what only the tensor keys decide."""
-    # REFERENCE §14 #14: whether o_proj has a bias is decided by the weights, not the config.
+    # Whether o_proj has a bias is decided by the weights, not the config (released configs disagree).
     return replace(cfg, scan_layers=scan_layers,
                    o_attention_bias=any(k.endswith("self_attn.o_proj.bias") for k in keys))

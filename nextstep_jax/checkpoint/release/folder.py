@@ -24,7 +24,7 @@ from nextstep_jax.checkpoint.release.torch_pickle import TorchPickleView
 
 __all__ = ["OPTIONAL_PREFIX", "Release", "canonical_key", "match_tensors", "open_release", "release_kind"]
 
-# Official files may prefix every key with "model." (REFERENCE §9.1); accept either spelling.
+# Official files may prefix every key with "model."; accept either spelling.
 OPTIONAL_PREFIX = "model."
 VAE_WEIGHT_FILES = ("checkpoint.safetensors", "checkpoint.pt")
 

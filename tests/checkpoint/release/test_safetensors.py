@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 import struct
 
@@ -40,6 +41,11 @@ def _assert_same_tensors(got: dict, want: dict):
         assert got[key].tobytes() == array.tobytes(), key
 
 
+def _weight_map(golden_dir) -> dict[str, str]:
+    """The golden sharded release's own key -> shard table (its index file, read with json)."""
+    return json.loads((golden_dir / "model_sharded" / INDEX_FILE_NAME).read_text())["weight_map"]
+
+
 @pytest.fixture
 def sharded_copy(golden_dir, tmp_path):
     dst = tmp_path / "sharded"
@@ -59,27 +65,30 @@ def test_golden_release_reads_like_the_library(golden_dir, folder, files):
         for key, array in want.items():
             assert reader.info(key) == (array.shape, "F32")
         _assert_same_tensors({k: reader.read(k) for k in reader.keys()}, want)
-    assert len(want) == 68
+    assert sorted(want) == sorted(_weight_map(golden_dir))
 
 
 def test_single_file_and_index_paths_are_accepted(golden_dir):
     with SafetensorsReader(golden_dir / "vae" / "checkpoint.safetensors") as reader:
         _assert_same_tensors({k: reader.read(k) for k in reader.keys()},
                              safetensors.numpy.load_file(golden_dir / "vae" / "checkpoint.safetensors"))
+    tensors = _library_load([golden_dir / "model_sharded" / f for f in (SHARD1, SHARD2)])
     with SafetensorsReader(golden_dir / "model_sharded" / INDEX_FILE_NAME) as reader:
-        assert reader.index_metadata == {"total_size": 1173248}
-        assert reader.file_of("norm.weight").name == SHARD1
+        assert reader.index_metadata == {"total_size": sum(a.nbytes for a in tensors.values())}
+        assert {k: reader.file_of(k).name for k in reader.keys()} == _weight_map(golden_dir)
 
 
 def test_info_comes_from_headers_only(golden_dir, monkeypatch):
     def no_reads(*args, **kwargs):
         raise AssertionError("tensor data was read")
 
+    config = json.loads((golden_dir / "model_sharded" / "config.json").read_text())
+    shapes = {k: a.shape for k, a in _library_load([golden_dir / "model_sharded" / f for f in (SHARD1, SHARD2)]).items()}
     monkeypatch.setattr(SafetensorsReader, "_file", no_reads)
     with SafetensorsReader(golden_dir / "model_sharded") as reader:
-        assert reader.info("embed_tokens.weight") == ((320, 64), "F32")
-        assert reader.info("gen_pos_embed") == ((1, 1024, 64), "F32")
-        assert "lm_head.weight" in reader and len(reader) == 68
+        assert reader.info("embed_tokens.weight") == ((config["vocab_size"], config["hidden_size"]), "F32")
+        assert {k: reader.info(k) for k in reader.keys()} == {k: (shape, "F32") for k, shape in shapes.items()}
+        assert "lm_head.weight" in reader and len(reader) == len(shapes)
 
 
 def test_read_returns_a_fresh_writable_copy(golden_dir):
@@ -217,16 +226,18 @@ def test_missing_shard(sharded_copy):
     assert INDEX_FILE_NAME in str(err.value)
 
 
-@pytest.mark.parametrize("keep,match", [
-    (-100, r"tensor '.*' ends at byte \d+ but the file has only"),
-    (1000, "header length 6824 runs past the end"),
-    (5, "too short"),
+@pytest.mark.parametrize("cut,match", [
+    ("in the tensor data", r"tensor '.*' ends at byte \d+ but the file has only"),
+    ("in the header", "header length {header} runs past the end"),
+    ("in the length field", "too short"),
 ])
-def test_truncated_file(golden_dir, tmp_path, keep, match):
+def test_truncated_file(golden_dir, tmp_path, cut, match):
     path = tmp_path / SINGLE_FILE_NAME
     data = (golden_dir / "model" / SINGLE_FILE_NAME).read_bytes()
+    header = struct.unpack("<Q", data[:8])[0]  # the format's little-endian u64 header length
+    keep = {"in the tensor data": len(data) - 100, "in the header": 8 + header // 2, "in the length field": 5}[cut]
     path.write_bytes(data[:keep])
-    with pytest.raises(CheckpointError, match=match) as err:
+    with pytest.raises(CheckpointError, match=match.format(header=header)) as err:
         SafetensorsReader(tmp_path)
     assert str(path) in str(err.value)
 
@@ -284,18 +295,21 @@ def test_index_names_a_key_absent_from_its_shard(sharded_copy):
         SafetensorsReader(sharded_copy)
 
 
-def test_shard_holds_a_key_the_index_does_not_list(sharded_copy):
+def test_shard_holds_a_key_the_index_does_not_list(golden_dir, sharded_copy):
+    shard = _weight_map(golden_dir)["norm.weight"]
     _edit_index(sharded_copy, lambda wm: wm.pop("norm.weight"))
-    with pytest.raises(CheckpointError, match=f"{SHARD1}: holds tensor 'norm.weight' but .* does not list it"):
+    with pytest.raises(CheckpointError, match=f"{shard}: holds tensor 'norm.weight' but .* does not list it"):
         SafetensorsReader(sharded_copy)
 
 
-def test_key_present_in_two_shards(sharded_copy):
+def test_key_present_in_two_shards(golden_dir, sharded_copy):
+    weight_map = _weight_map(golden_dir)
+    key = next(k for k, f in weight_map.items() if f == SHARD1)
     with SafetensorsReader(sharded_copy) as reader:
         shard2 = {k: reader.read(k) for k in reader.keys() if reader.file_of(k).name == SHARD2}
-    shard2["norm.weight"] = np.zeros(64, np.float32)
+        shard2[key] = np.zeros(reader.info(key).shape, np.float32)
     safetensors.numpy.save_file(shard2, sharded_copy / SHARD2)
-    with pytest.raises(CheckpointError, match=f"'norm.weight' is stored in both .*{SHARD1} and .*{SHARD2}"):
+    with pytest.raises(CheckpointError, match=f"'{re.escape(key)}' is stored in both .*{SHARD1} and .*{SHARD2}"):
         SafetensorsReader(sharded_copy)
 
 

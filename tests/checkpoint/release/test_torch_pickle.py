@@ -1,6 +1,7 @@
 """torch.save reader tests. No torch: hostile and unusual checkpoints are assembled from raw pickle opcodes
 laid out exactly as torch writes them (see the golden vae/checkpoint.pt)."""
 
+import json
 import os
 import pickle
 import struct
@@ -13,6 +14,8 @@ import pytest
 import safetensors.numpy
 
 from nextstep_jax.checkpoint.errors import CheckpointError
+from nextstep_jax.checkpoint.mapping import vae_table
+from nextstep_jax.checkpoint.release.config import vae_config_from_release
 from nextstep_jax.checkpoint.release.torch_pickle import load_torch_state_dict
 
 # ----------------------------------------------------------------------------------- pickle assembly
@@ -78,7 +81,8 @@ def test_golden_vae_checkpoint_matches_its_safetensors_copy(golden_dir):
     got = load_torch_state_dict(golden_dir / "vae" / "checkpoint.pt")
     assert "torch" not in sys.modules
     want = safetensors.numpy.load_file(golden_dir / "vae" / "checkpoint.safetensors")
-    assert sorted(got) == sorted(want) and len(want) == 180
+    cfg = vae_config_from_release(json.loads((golden_dir / "vae" / "config.json").read_text()))
+    assert sorted(got) == sorted(want) and len(want) == len(vae_table(cfg))  # every tensor its config implies
     for key, array in want.items():
         assert got[key].dtype == array.dtype and got[key].shape == array.shape, key
         assert got[key].tobytes() == array.tobytes(), key
