@@ -32,8 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
                               num_workers=8, read_threads=8)
     config.mesh = mesh_config(data=-1, fsdp=1)
     # A fine-tune moves a trained network: a small constant rate after a short warmup, no weight decay.
-    config.optim = optim_config(weight_decay=0.0, b2=0.99)
-    config.schedule = schedule_config(kind="warmup_constant", peak_lr=1e-5, warmup_steps=500)
+    config.optim = optim_config()
+    config.optim.update(dict(weight_decay=0.0, b2=0.99))
+    config.schedule = schedule_config()
+    config.schedule.update(dict(kind="warmup_constant", peak_lr=1e-5, warmup_steps=500))
     # The paper's recipe: reconstruction + perceptual losses and noise regularisation of the normalised latent
     # (the released strength is not published; 0.5 trades a little reconstruction for a more robust decoder),
     # here with the PatchGAN critic switched on once the reconstruction has settled.

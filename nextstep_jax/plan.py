@@ -14,8 +14,14 @@ scales XLA's own time estimate for the compiled program (the TPU compiler report
 XLA FLOP ratio, which puts back the loop iterations XLA counts once; without an estimate it assumes the
 chip's peak. ``--program loss`` compiles the loss forward alone.
 
-Exit status: 0 when it fits, 1 when it does not (the reason and the largest buffers are printed; a train
-state that alone exceeds the chip is refused before compiling), 2 for bad input.
+The generation program (``generation/generator.py``: prefill, the loop over image tokens, VAE decode) is
+compiled the same way, from abstract params in the decode layout and in the model's compute dtype (as
+``sample.py`` loads them), for ``--num-images`` images at ``config.sampling.hw`` with the sampling settings'
+guidance and a prompt of ``--prompt-tokens`` tokens; the report's ``generation`` entry gives its per-device
+memory and whether it fits (image generation only: no text decoding or edit inputs).
+
+Exit status: 0 when both programs fit, 1 when one does not (the reason and the largest buffers are printed;
+a train state that alone exceeds the chip is refused before compiling), 2 for bad input.
 """
 
 from __future__ import annotations
@@ -57,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="with --devices: compare memory and speed against this chip (default: none)")
     parser.add_argument("--program", choices=PROGRAMS, default="train",
                         help="train: the whole step (loss, gradients, update); loss: the loss forward alone")
+    parser.add_argument("--num-images", type=int, default=1,
+                        help="generation: images per call (rows = images x the guidance's row groups)")
+    parser.add_argument("--prompt-tokens", type=int, default=128, help="generation: prompt length in tokens")
     parser.add_argument("--out", type=Path, help="also write the report as one JSON object to this file")
     return parser
 
@@ -189,12 +198,148 @@ def _lower(config, mesh, program: str, optimizer, state, batch, vae_params):
         return jax.jit(loss).lower(state, batch, vae_params)
 
 
-def plan(config, devices, chip: dict | None, chip_name: str | None, program: str = "train") -> dict:
-    """The report (see the module docstring); ``fits`` False with ``reason`` when it does not fit."""
+def _cast(tree, dtype: str):
+    """Float leaves in ``dtype``, as ``checkpoint.load_model(dtype=...)`` gives them to the generator."""
+    import jax
+    import jax.numpy as jnp
+
+    def one(x):
+        kind = jnp.dtype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+        return jax.ShapeDtypeStruct(x.shape, kind, sharding=x.sharding)
+
+    return jax.tree.map(one, tree)
+
+
+def generation_inputs(config, mesh, settings, num_images: int, prompt_tokens: int):
+    """(program, plan, variables, vae variables, batch) of the generation program, the arrays abstract with
+    their shardings on ``mesh``: params in the decode layout (logical shardings), prompt rows split over the
+    batch axes when they divide, everything else replicated."""
+    import jax
+    import numpy as np
+    from flax import linen as nn
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from nextstep_jax.configs import replace
+    from nextstep_jax.generation.generator import GenerationProgram
+    from nextstep_jax.generation.prompts import PromptRows, token_grid
+    from nextstep_jax.models.layouts import for_decoding
+    from nextstep_jax.models.nextstep import abstract_variables
+    from nextstep_jax.models.vae import downsample_factor
+    from nextstep_jax.sharding import batch_sharding, shardings_of
+
+    # Starting from unrolled layers, the conversion keeps its inputs, so it traces under eval_shape.
+    unrolled = replace(config.model, scan_layers=False)
+    decode = {}
+
+    def convert(params):
+        decode["cfg"], converted = for_decoding(unrolled, params)
+        return converted
+
+    shapes = jax.eval_shape(convert, nn.unbox(abstract_variables(unrolled))["params"])
+    boxed = abstract_variables(decode["cfg"])
+    params = _cast(_abstract(shapes, shardings_of(boxed, mesh)["params"]), config.model.dtype)
+    vae_params = _cast(_vae_params(config, mesh, config.data.image_size), config.model.dtype)
+    program = GenerationProgram(replace(decode["cfg"], dtype=config.model.dtype),
+                                replace(config.vae, dtype=config.model.dtype))
+
+    settings = settings.for_model(program.model.cfg)
+    rows = settings.cfg_mult * num_images
+    ids = np.zeros((rows, prompt_tokens), np.int32)
+    prompt = PromptRows(input_ids=ids, attention_mask=np.ones_like(ids), cfg_mult=settings.cfg_mult,
+                        num_samples=num_images, images_per_caption=num_images, prefix=(),
+                        grid=token_grid(settings.hw, downsample_factor(config.vae) * config.model.latent_patch_size,
+                                        "sampling.hw"))
+    plan, batch = program.inputs(prompt, settings)
+    replicated, split = NamedSharding(mesh, PartitionSpec()), batch_sharding(mesh)
+
+    def abstract(name, value):
+        x = np.asarray(value)
+        sharding = replicated
+        if name in ("input_ids", "attention_mask"):
+            try:
+                split.shard_shape(x.shape)
+                sharding = split
+            except ValueError:  # rows the batch axes do not divide
+                pass
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    batch = {k: None if v is None else abstract(k, v) for k, v in batch.items()}
+    return program, plan, {"params": params}, {"params": vae_params}, batch
+
+
+def _record_fit(entry: dict, compiled, start: float, chip, chip_name: str) -> None:
+    """Compile time, per-device memory and whether it fits the chip, into ``entry``."""
+    entry["compile_seconds"] = round(time.perf_counter() - start, 1)
+    entry["per_device_bytes"] = per_device = _memory(compiled)
+    entry["fits"] = chip is None or per_device["total"] <= chip["memory_bytes"]
+    if not entry["fits"]:
+        entry["reason"] = (f"needs {per_device['total'] / GIB:.2f} GiB per chip > {chip['memory_bytes'] / GIB:.2f} "
+                           f"GiB of {chip_name} memory")
+
+
+def _memory(compiled) -> dict:
+    mem = compiled.memory_analysis()
+    per_device = {"arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
+                  "aliased": int(mem.alias_size_in_bytes), "temporaries": int(mem.temp_size_in_bytes),
+                  "code": int(mem.generated_code_size_in_bytes)}
+    per_device["total"] = (per_device["arguments"] + per_device["outputs"] - per_device["aliased"]
+                           + per_device["temporaries"] + per_device["code"])
+    return per_device
+
+
+def _out_of_memory(e: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e)
+
+
+def plan_generation(config, mesh, chip: dict | None, chip_name: str | None, num_images: int,
+                    prompt_tokens: int) -> dict:
+    """The ``generation`` entry of the report (see the module docstring)."""
+    from nextstep_jax.generation.prompts import PromptError
+    from nextstep_jax.generation.settings import SamplingSettings, SettingsError
+    from nextstep_jax.sharding import use_mesh
+
+    try:
+        settings = SamplingSettings.from_config(config.sampling)
+        program, program_plan, variables, vae_variables, batch = generation_inputs(
+            config, mesh, settings, num_images, prompt_tokens)
+    except (SettingsError, PromptError) as e:
+        raise PlanError(str(e)) from None
+    entry = {"num_images": num_images, "hw": list(settings.hw), "rows": int(batch["input_ids"].shape[0]),
+             "prompt_tokens": prompt_tokens, "image_tokens": program_plan.grid[0] * program_plan.grid[1],
+             "dtype": config.model.dtype,
+             "input_bytes": {"params": _per_device_bytes(variables), "vae_params": _per_device_bytes(vae_variables),
+                             "batch": _per_device_bytes(batch)},
+             "per_device_bytes": None}
+    if chip and entry["input_bytes"]["params"] > chip["memory_bytes"]:
+        entry.update(fits=False, reason=(
+            f"the params alone need {entry['input_bytes']['params'] / GIB:.1f} GiB per chip > "
+            f"{chip['memory_bytes'] / GIB:.2f} GiB of {chip_name} memory: shard them with mesh.fsdp or mesh.tensor"))
+        return entry
+    start = time.perf_counter()
+    try:
+        with use_mesh(mesh):
+            compiled = program.lower(program_plan, variables, vae_variables, batch).compile()
+    except Exception as e:  # noqa: BLE001 - XLA reports out-of-memory as a generic runtime error
+        if not _out_of_memory(e):
+            raise
+        entry.update(fits=False, reason=str(e).splitlines()[0], largest_buffers=_largest_buffers(str(e)))
+        return entry
+    _record_fit(entry, compiled, start, chip, chip_name)
+    return entry
+
+
+def plan(config, devices, chip: dict | None, chip_name: str | None, program: str = "train", *,
+         num_images: int = 1, prompt_tokens: int = 128) -> dict:
+    """The report (see the module docstring); ``fits`` False with ``reason`` when it does not fit. The
+    ``generation`` entry is None when the train state alone was refused."""
     from nextstep_jax.configs import replace
     from nextstep_jax.sharding import make_mesh, validate_mesh
     from nextstep_jax.training.flops import train_step_flops
 
+    if num_images < 1:
+        raise PlanError(f"--num-images {num_images}: must be >= 1")
+    if prompt_tokens < 1:
+        raise PlanError(f"--prompt-tokens {prompt_tokens}: must be >= 1")
     if program == "loss":
         config = replace(config, train_step=replace(config.train_step, microbatches=1))
     mesh = make_mesh(dict(config.mesh), devices)
@@ -216,7 +361,7 @@ def plan(config, devices, chip: dict | None, chip_name: str | None, program: str
         "device_memory_bytes": chip["memory_bytes"] if chip else None,
         "input_bytes": {held: _per_device_bytes(state), "batch": _per_device_bytes(batch),
                         "vae_params": _per_device_bytes(vae_params) if vae_params else 0},
-        "per_device_bytes": None, "flops_per_step": None, "projected": None,
+        "per_device_bytes": None, "flops_per_step": None, "projected": None, "generation": None,
     }
     if chip and report["input_bytes"][held] > chip["memory_bytes"]:
         what = "train state (params + AdamW moments)" if program == "train" else "params"
@@ -232,23 +377,13 @@ def plan(config, devices, chip: dict | None, chip_name: str | None, program: str
         raise PlanError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - XLA reports out-of-memory as a generic runtime error
         message = str(e)
-        if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
+        if not _out_of_memory(e):
             raise
         report.update(fits=False, reason=message.splitlines()[0], largest_buffers=_largest_buffers(message),
-                      compile_seconds=round(time.perf_counter() - start, 1))
+                      compile_seconds=round(time.perf_counter() - start, 1),
+                      generation=plan_generation(config, mesh, chip, chip_name, num_images, prompt_tokens))
         return report
-    report["compile_seconds"] = round(time.perf_counter() - start, 1)
-    mem = compiled.memory_analysis()
-    per_device = {"arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
-                  "aliased": int(mem.alias_size_in_bytes), "temporaries": int(mem.temp_size_in_bytes),
-                  "code": int(mem.generated_code_size_in_bytes)}
-    per_device["total"] = (per_device["arguments"] + per_device["outputs"] - per_device["aliased"]
-                           + per_device["temporaries"] + per_device["code"])
-    report["per_device_bytes"] = per_device
-    report["fits"] = chip is None or per_device["total"] <= chip["memory_bytes"]
-    if not report["fits"]:
-        report["reason"] = (f"needs {per_device['total'] / GIB:.2f} GiB per chip > {chip['memory_bytes'] / GIB:.2f} "
-                            f"GiB of {chip_name} memory")
+    _record_fit(report, compiled, start, chip, chip_name)
 
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -261,6 +396,7 @@ def plan(config, devices, chip: dict | None, chip_name: str | None, program: str
     report["flops_per_step"] = {"xla": xla_flops, "analytic_model": analytic["model"],
                                 "analytic_hardware": analytic["hardware"]}
     report["projected"] = _projection(cost, analytic, xla_flops, len(devices), chip)
+    report["generation"] = plan_generation(config, mesh, chip, chip_name, num_images, prompt_tokens)
     return report
 
 
@@ -302,6 +438,13 @@ def _table(report: dict) -> str:
                  ("tokens/s/chip", f"{proj['tokens_per_second_per_chip']:.0f}"), ("MFU", f"{proj['mfu']:.1%}")]
     if report.get("compile_seconds") is not None:
         rows.append(("compile", f"{report['compile_seconds']} s"))
+    gen = report.get("generation")
+    if gen:
+        rows.append(("generation", f"{gen['num_images']} x {gen['hw'][0]}x{gen['hw'][1]} ({gen['rows']} rows, "
+                                   f"{gen['prompt_tokens']} prompt + {gen['image_tokens']} image tokens)"))
+        rows += [(f"generation input: {k}", gib(v)) for k, v in gen["input_bytes"].items()]
+        rows += [(f"generation per device: {k}", gib(v)) for k, v in (gen["per_device_bytes"] or {}).items()]
+        rows.append(("generation fits", str(gen["fits"]) + (f" ({gen['reason']})" if gen.get("reason") else "")))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     lines += [f"  {b}" for b in report.get("largest_buffers", [])]
@@ -322,7 +465,8 @@ def main(argv=None) -> int:
     try:
         config = resolve(args, overrides, default=_defaults())
         devices, chip, chip_name = _devices(args)
-        report = plan(config, devices, chip, chip_name, args.program)
+        report = plan(config, devices, chip, chip_name, args.program, num_images=args.num_images,
+                      prompt_tokens=args.prompt_tokens)
     except (PlanError, ConfigError) as e:
         print(f"plan: {e}", file=sys.stderr)
         return 2
@@ -332,7 +476,8 @@ def main(argv=None) -> int:
         tmp = args.out.with_suffix(args.out.suffix + ".tmp")
         tmp.write_text(json.dumps(report, indent=1) + "\n")
         tmp.replace(args.out)
-    return 0 if report["fits"] else 1
+    generation = report["generation"]
+    return 0 if report["fits"] and (generation is None or generation["fits"]) else 1
 
 
 if __name__ == "__main__":

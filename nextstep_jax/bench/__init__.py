@@ -2,7 +2,8 @@
 before JAX starts).
 
     __main__.py   ``python -m nextstep_jax.bench``: the model workloads, one JSON report
-    workloads.py  those workloads (flow-matching sampler, backbone prefill/decode, end-to-end generation)
+    workloads.py  those workloads (flow-matching sampler, backbone prefill/decode, train step, end-to-end
+                  generation)
     convert.py    ``python -m nextstep_jax.bench.convert``: checkpoint conversion throughput and memory
     data.py       ``python -m nextstep_jax.bench.data``: data pipeline throughput
 """

@@ -1,5 +1,5 @@
-"""The benchmark workloads (README "Benchmarks"); ``python -m nextstep_jax.bench`` imports this after
-limiting threads.
+"""The benchmark workloads (README "Benchmarks": sampler, backbone, train step, generation);
+``python -m nextstep_jax.bench`` imports this after limiting threads.
 
 Times are medians over ``repeats`` runs after ``warmup`` runs, blocked on the results; ``compile_s`` is the
 first call minus that median. Machine limits are the best of several runs (noise only slows a run down).
@@ -17,6 +17,8 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+import optax
 from flax import linen as nn
 
 from nextstep_jax.configs import model_config, vae_config
@@ -27,8 +29,13 @@ from nextstep_jax.models.backbone import init_cache
 from nextstep_jax.models.fm_head import SimpleMLPAdaLN, head_module
 from nextstep_jax.models.fm_sampler import sample_head
 from nextstep_jax.models.layouts import for_decoding
-from nextstep_jax.models.nextstep import NextStep, init_variables
+from nextstep_jax.models.nextstep import NextStep, init_variables, loss_counts, token_dim
 from nextstep_jax.models.vae import AutoencoderKL
+from nextstep_jax.sharding import make_mesh
+from nextstep_jax.training.flops import train_step_flops
+from nextstep_jax.training.optimizer import make_optimizer, nextstep_layer_norm_paths, optim_config, schedule_config
+from nextstep_jax.training.state import init_train_state
+from nextstep_jax.training.step import make_train_step
 
 IMAGE_MODULES = ("image_head", "image_in_projector", "image_out_projector")
 # What the Generator runs (models.layouts.for_decoding): layers unrolled, q/k/v and gate/up fused.
@@ -252,7 +259,95 @@ def _head_ms(config, head, model_cfg, precomputed: bool) -> float:
     return _timed(lambda: fn(head, c), config["warmup"], config["repeats"])[1] * 1e3
 
 
-WORKLOADS = {"fm_sample": fm_sample, "backbone": backbone, "generate": generate}
+def _train_batch(cfg, t: dict, key) -> dict:
+    """``batch`` rows of ``seq`` tokens: text, then <boi>, ``image_tokens`` placeholders, <eoi>, then text."""
+    rows, seq, n_img = t["batch"], t["seq"], t["image_tokens"]
+    ids_key, tok_key = jax.random.split(key)
+    ids = jax.random.randint(ids_key, (rows, seq), 0, cfg.boi)  # text: every id below the special tokens
+    start = (seq - n_img - 2) // 2
+    ids = ids.at[:, start].set(cfg.boi).at[:, start + 1:start + 1 + n_img].set(cfg.image_placeholder_id)
+    ids = ids.at[:, start + 1 + n_img].set(cfg.eoi)
+    is_image = ids == cfg.image_placeholder_id
+    return {"input_ids": ids, "labels": jnp.where(is_image, -100, ids),
+            "segment_ids": jnp.ones_like(ids), "positions": jnp.broadcast_to(jnp.arange(seq), ids.shape),
+            "image_loss_mask": is_image.astype(jnp.int32),
+            "image_tokens": jax.random.normal(tok_key, (rows, seq, token_dim(cfg)), jnp.float32)}
+
+
+def train(config: dict, machine: dict) -> dict:
+    """One step of the trainer's loss on the ``backbone`` sizes with an FM head of ``fm_dim`` x ``fm_layers``:
+    forward+backward alone (``value_and_grad`` of ``NextStep.loss``, called as ``training/step.py`` calls
+    it), the AdamW update alone, and the full jitted train step (``make_train_step``) with the official
+    optimizer (``make_optimizer``). FLOPs are the trainer's analytic count (``training/flops.py``)."""
+    t, b, dtype = config["train"], config["backbone"], config["dtype"]
+    key = jax.random.key(config["seed"])
+    v = b["vocab"]  # the special tokens take the top ids of the vocabulary
+    cfg = _backbone_cfg(b, dtype, True, fm_head_dim=t["fm_dim"], fm_head_layers=t["fm_layers"],
+                        fm_head_batch_mul=t["fm_head_batch_mul"], boi=v - 4, eoi=v - 3, image_placeholder_id=v - 2,
+                        pad_token_id=v - 1, bos_token_id=v - 1, eos_token_id=v - 1)
+    model = NextStep(cfg)
+    params = _model_params(cfg, key)
+    batch = _train_batch(cfg, t, key)
+    row_keys = jax.random.split(jax.random.key(1), t["batch"])
+    totals = loss_counts(cfg, batch["input_ids"], batch["labels"], batch["image_loss_mask"],
+                         segment_ids=batch["segment_ids"])
+
+    def loss(p):
+        return model.apply({"params": p}, batch["input_ids"], batch["labels"], batch["image_tokens"],
+                           batch["image_loss_mask"], segment_ids=batch["segment_ids"], positions=batch["positions"],
+                           rng=row_keys, totals=totals, method=NextStep.loss)
+
+    fwd_bwd_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    fb_first, fwd_bwd = _timed(lambda: fwd_bwd_fn(params), config["warmup"], config["repeats"])
+    grads = fwd_bwd_fn(params)[1]
+
+    optim, schedule = optim_config(), schedule_config()
+    schedule.warmup_steps = 0  # a non-zero learning rate from the first step
+    optimizer, _ = make_optimizer(optim, schedule, params, total_steps=1,
+                                  layer_norm_paths=nextstep_layer_norm_paths(cfg))
+    mesh = make_mesh({"fsdp": 1}, devices=jax.devices()[:1])
+    state = init_train_state(cfg, optimizer, mesh, params=params, seed=config["seed"])
+
+    @jax.jit
+    def update(grads, opt_state, params):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    _, adamw = _timed(lambda: update(grads, state.opt_state, state.params), config["warmup"], config["repeats"])
+    del grads
+    step_fn = make_train_step(ml_collections.ConfigDict({"model": cfg.to_dict()}), model, optimizer, mesh)
+    carry = {"state": state}  # the step donates its state: each call continues from the previous one
+
+    def one_step():
+        carry["state"], carry["metrics"] = step_fn(carry["state"], batch)
+        return carry["metrics"]
+
+    step_first, step = _timed(one_step, config["warmup"], config["repeats"])
+
+    rows, seq = t["batch"], t["seq"]
+    # The backbone MLP's matmul on this batch, [B·T, hidden]·[hidden, intermediate]: the shape the step runs.
+    a = jax.random.normal(key, (rows * seq, b["hidden"]), jnp.float32)
+    w = jax.random.normal(key, (b["hidden"], b["intermediate"]), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    train_shape = 2 * a.size * w.shape[1] / _best(lambda: matmul(a, w), 5) / 1e9
+    flops = train_step_flops(cfg, rows, seq)
+    peak = machine["matmul_f32_gflops"]
+    fb_gflops, step_gflops = flops["model"] / fwd_bwd / 1e9, flops["model"] / step / 1e9
+    return {"fwd_bwd_median_s": fwd_bwd, "step_median_s": step, "tokens_per_s": rows * seq / step,
+            "mfu_vs_matmul_peak": step_gflops / peak, "fwd_bwd_fraction_of_matmul_peak": fb_gflops / peak,
+            "fwd_bwd_gflops": fb_gflops, "step_gflops": step_gflops,
+            "adamw_median_s": adamw, "adamw_fraction_of_step": adamw / step,
+            "step_minus_fwd_bwd_fraction": (step - fwd_bwd) / step,
+            "fwd_bwd_compile_s": fb_first - fwd_bwd, "compile_s": step_first - step,
+            "matmul_train_shape_gflops": train_shape,
+            "fwd_bwd_fraction_of_train_shape_matmul": fb_gflops / train_shape,
+            "flops": flops["model"], "hardware_flops": flops["hardware"],
+            "flops_counted_as": "training/flops.py: 6N + dense attention + the image path on every position",
+            "params": sum(x.size for x in jax.tree.leaves(params)), "layers": "scan",
+            "last_step_loss": float(carry["metrics"]["loss"])}
+
+
+WORKLOADS = {"fm_sample": fm_sample, "backbone": backbone, "train": train, "generate": generate}
 
 
 def run(config: dict, only: list[str], threads: dict) -> dict:

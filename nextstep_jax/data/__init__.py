@@ -17,6 +17,7 @@ Modules (one purpose each):
   packing.py         documents -> fixed-shape packed batches (segment ids, positions), checkpointable
   pipeline.py        DataConfig (from the config's data section), the Grain pipeline (sharding, shuffling,
                      mixing, workers) and its iterator/metrics
+  image_pipeline.py  image batches for tokenizer (VAE) training: the same sources, no text, no packing
   shapes.py          the synthetic "shapes" dataset; scorer.py its mini-GenEval
   sources.py         Grain random-access sources (records, shapes)
 """

@@ -7,7 +7,9 @@ optional text decoding (``text_decoding``), then for every image token — condi
 one decode step — in a ``lax.fori_loop``, and finally unpatchify (explicit grid) and VAE decode. The last
 token is not fed back (no wasted decode step) and the LM head never runs on image positions. One
 compilation per (rows, prompt length, image size, sampler settings); the guidance scales, seed, text
-sampling temperature and top-p and the prompts themselves are runtime values.
+sampling temperature and top-p and the prompts themselves are runtime values. ``GenerationProgram`` is that
+program without params (``python -m nextstep_jax.plan`` lowers it from abstract inputs); ``Generator`` adds the
+params and the tokenizer.
 
 Randomness: every sample has a stream ``fold_in(key(seed), sample_id)`` per purpose (flow-matching noise,
 VAE posterior of edit inputs, text sampling), so a sample does not depend on the batch it is generated in.
@@ -77,62 +79,26 @@ class GenerationResult:
     text_lengths: np.ndarray | None = None
 
 
-class Generator:
-    """A NextStep model + VAE with their params and tokenizer, and the compiled generation function.
+class GenerationProgram:
+    """The compiled generation function of a model config in the decode layout and a VAE config; it holds
+    no params, so ``lower`` also takes abstract ones (``jax.ShapeDtypeStruct``s, e.g. to plan memory).
+    ``traces`` counts its compilations."""
 
-    The params may come in any layout (``checkpoint.load_model`` gives scanned layers by default): the
-    Generator keeps them in the decode layout (``models.layouts.for_decoding``: layers unrolled, q/k/v and
-    gate/up fused; ``python -m nextstep_jax.bench --only backbone`` measures each layout). With ``donate``
-    the given params are consumed by that conversion, so the model is not held twice. ``prompts`` builds
-    the prompt rows; ``traces`` counts compilations of the generation program.
-    """
-
-    def __init__(self, model_cfg, params, vae_cfg, vae_params, tokenizer: PromptTokenizer, *,
-                 donate: bool = False):
-        if vae_cfg.z_channels != model_cfg.latent_channels:
-            raise PromptError(f"VAE has {vae_cfg.z_channels} latent channels, the model expects "
-                              f"{model_cfg.latent_channels}")
-        self.prompts = PromptBuilder(tokenizer, model_cfg, vae_cfg)
-        model_cfg, params = for_decoding(model_cfg, params, donate=donate)
+    def __init__(self, model_cfg, vae_cfg):
         self.model = NextStep(model_cfg)
         self.vae = AutoencoderKL(vae_cfg)
-        self.variables = {"params": params}
-        self.vae_variables = {"params": vae_params}
         self.traces = 0
         self._progress_fn: Callable[[int], None] | None = None
         self._jit = jax.jit(self._generate, static_argnums=0)
 
-    # ------------------------------------------------------------------------------------------ public
-    def generate(self, captions: list[str], settings: SamplingSettings, *, images: list[np.ndarray] | None = None,
-                 num_images_per_caption: int = 1, seed: int = 0, sample_ids: np.ndarray | None = None,
-                 share_noise: bool = False, progress: Callable[[int], None] | None = None,
-                 noises: np.ndarray | None = None, vae_eps: np.ndarray | None = None) -> GenerationResult:
-        """``num_images_per_caption`` images of each caption (caption-major).
+    def lower(self, plan: _Plan, variables, vae_variables, batch) -> jax.stages.Lowered:
+        """The program for ``inputs``' plan and batch, lowered ahead of time (arrays or abstract)."""
+        return self._jit.lower(plan, variables, vae_variables, batch)
 
-        ``images``: one uint8 [H, W, 3] per caption for editing (its caption holds ``<image>``).
-        ``sample_ids`` [n]: global index of each sample (default 0..n-1) — the random streams depend on it,
-        never on the batch. ``share_noise``: FM noise by image index within the caption (official tiling).
-        ``progress(k)`` is called after image token k. Injected randomness (parity): ``noises`` [M, draws, n,
-        64], ``vae_eps`` [images fed, H/8, W/8, z] in feeding order.
-        """
-        settings = settings.for_model(self.model.cfg)
-        rows = self.prompts.rows(captions, settings, num_images_per_caption=num_images_per_caption,
-                                 image_sizes=None if images is None else [np.shape(im)[:2] for im in images])
-        return self._run(rows, settings, images=images, seed=seed, sample_ids=sample_ids, share_noise=share_noise,
-                         progress=progress, noises=noises, vae_eps=vae_eps)
-
-    def generate_rows(self, rows: PromptRows, settings: SamplingSettings, **kwargs) -> GenerationResult:
-        """``generate`` for prompt rows built elsewhere (e.g. written by hand); ``kwargs`` as ``generate``'s.
-        The rows must have the guidance layout and text rows of ``settings``."""
-        if rows.cfg_mult != settings.cfg_mult:
-            raise PromptError(f"rows have cfg_mult={rows.cfg_mult} but the settings' guidance needs "
-                              f"{settings.cfg_mult}")
-        if bool(rows.open_rows) != (settings.text_tokens > 0):
-            raise PromptError("rows are left open for text decoding exactly when settings.text_tokens > 0")
-        return self._run(rows, settings.for_model(self.model.cfg), **kwargs)
-
-    def _run(self, rows: PromptRows, settings: SamplingSettings, *, images=None, seed: int = 0, sample_ids=None,
-             share_noise: bool = False, progress=None, noises=None, vae_eps=None) -> GenerationResult:
+    def inputs(self, rows: PromptRows, settings: SamplingSettings, *, images=None, seed: int = 0, sample_ids=None,
+               share_noise: bool = False, progress: bool = False, noises=None, vae_eps=None) -> tuple[_Plan, dict]:
+        """The program's static plan and batch for prompt rows (arguments as ``Generator.generate``'s;
+        ``progress``: whether the program reports each image token)."""
         if not 0 <= seed < 2 ** 32:
             raise PromptError(f"seed must be in [0, 2**32), got {seed}")
         n = rows.num_samples
@@ -150,16 +116,11 @@ class Generator:
         if rows.open_rows:
             batch["temperature"], batch["top_p"] = np.float32(settings.temperature), np.float32(settings.top_p)
         plan = _Plan(grid=rows.grid, cfg_mult=rows.cfg_mult, prefix=rows.prefix, open_rows=rows.open_rows,
-                     max_text_tokens=settings.text_tokens if rows.open_rows else 0, progress=progress is not None,
+                     max_text_tokens=settings.text_tokens if rows.open_rows else 0, progress=progress,
                      num_steps=settings.num_steps, timesteps_shift=settings.timesteps_shift,
                      last_step_size=settings.last_step_size, time_grid=settings.time_grid, method=settings.method,
                      guidance_schedule=settings.guidance_schedule, use_norm=settings.use_norm)
-        self._progress_fn = progress
-        try:
-            out = jax.device_get(self._jit(plan, self.variables, self.vae_variables, batch))
-        finally:
-            self._progress_fn = None
-        return GenerationResult(**out)
+        return plan, batch
 
     @staticmethod
     def _image_inputs(rows: PromptRows, images, sample_ids, vae_eps) -> dict:
@@ -302,3 +263,62 @@ class Generator:
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, sample_token(num_tokens - 1, h), num_tokens - 1, 0)
         return tokens.transpose(1, 0, 2)
 
+
+class Generator(GenerationProgram):
+    """A NextStep model + VAE with their params and tokenizer, and the compiled generation function.
+
+    The params may come in any layout (``checkpoint.load_model`` gives scanned layers by default): the
+    Generator keeps them in the decode layout (``models.layouts.for_decoding``: layers unrolled, q/k/v and
+    gate/up fused; ``python -m nextstep_jax.bench --only backbone`` measures each layout). With ``donate``
+    the given params are consumed by that conversion, so the model is not held twice. ``prompts`` builds
+    the prompt rows; ``traces`` counts compilations of the generation program.
+    """
+
+    def __init__(self, model_cfg, params, vae_cfg, vae_params, tokenizer: PromptTokenizer, *,
+                 donate: bool = False):
+        if vae_cfg.z_channels != model_cfg.latent_channels:
+            raise PromptError(f"VAE has {vae_cfg.z_channels} latent channels, the model expects "
+                              f"{model_cfg.latent_channels}")
+        self.prompts = PromptBuilder(tokenizer, model_cfg, vae_cfg)
+        model_cfg, params = for_decoding(model_cfg, params, donate=donate)
+        super().__init__(model_cfg, vae_cfg)
+        self.variables = {"params": params}
+        self.vae_variables = {"params": vae_params}
+
+    # ------------------------------------------------------------------------------------------ public
+    def generate(self, captions: list[str], settings: SamplingSettings, *, images: list[np.ndarray] | None = None,
+                 num_images_per_caption: int = 1, seed: int = 0, sample_ids: np.ndarray | None = None,
+                 share_noise: bool = False, progress: Callable[[int], None] | None = None,
+                 noises: np.ndarray | None = None, vae_eps: np.ndarray | None = None) -> GenerationResult:
+        """``num_images_per_caption`` images of each caption (caption-major).
+
+        ``images``: one uint8 [H, W, 3] per caption for editing (its caption holds ``<image>``).
+        ``sample_ids`` [n]: global index of each sample (default 0..n-1) — the random streams depend on it,
+        never on the batch. ``share_noise``: FM noise by image index within the caption (official tiling).
+        ``progress(k)`` is called after image token k. Injected randomness (parity): ``noises`` [M, draws, n,
+        64], ``vae_eps`` [images fed, H/8, W/8, z] in feeding order.
+        """
+        settings = settings.for_model(self.model.cfg)
+        rows = self.prompts.rows(captions, settings, num_images_per_caption=num_images_per_caption,
+                                 image_sizes=None if images is None else [np.shape(im)[:2] for im in images])
+        return self._run(rows, settings, images=images, seed=seed, sample_ids=sample_ids, share_noise=share_noise,
+                         progress=progress, noises=noises, vae_eps=vae_eps)
+
+    def generate_rows(self, rows: PromptRows, settings: SamplingSettings, **kwargs) -> GenerationResult:
+        """``generate`` for prompt rows built elsewhere (e.g. written by hand); ``kwargs`` as ``generate``'s.
+        The rows must have the guidance layout and text rows of ``settings``."""
+        if rows.cfg_mult != settings.cfg_mult:
+            raise PromptError(f"rows have cfg_mult={rows.cfg_mult} but the settings' guidance needs "
+                              f"{settings.cfg_mult}")
+        if bool(rows.open_rows) != (settings.text_tokens > 0):
+            raise PromptError("rows are left open for text decoding exactly when settings.text_tokens > 0")
+        return self._run(rows, settings.for_model(self.model.cfg), **kwargs)
+
+    def _run(self, rows: PromptRows, settings: SamplingSettings, *, progress=None, **kwargs) -> GenerationResult:
+        plan, batch = self.inputs(rows, settings, progress=progress is not None, **kwargs)
+        self._progress_fn = progress
+        try:
+            out = jax.device_get(self._jit(plan, self.variables, self.vae_variables, batch))
+        finally:
+            self._progress_fn = None
+        return GenerationResult(**out)

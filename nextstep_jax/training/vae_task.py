@@ -76,7 +76,7 @@ def vae_train_config(**overrides) -> ml_collections.ConfigDict:
         gan_start_step=0,  # the critic and its term act from this many applied updates on
         disc_channels=64,  # PatchGAN width (a multiple of 16) and depth
         disc_layers=3,
-        disc_lr=1e-4,  # the critic's Adam (b1 0.5, b2 0.9, as GAN practice)
+        disc_lr=1e-4,  # the critic's Adam (b1 0.5, b2 0.9, as GAN practice; eps is optim.eps)
         # Scratch init: "official" = the released code's N(0, 0.02) for every conv; "residual_zero" = LeCun
         # normal convs with the last conv of every residual branch zero, so each block starts as the identity.
         init="official",
@@ -134,7 +134,7 @@ def check_vae_config(config: ml_collections.ConfigDict) -> None:
     for name in ("num_images", "batch_size", "grid_images"):
         need(isinstance(e[name], int) and e[name] >= 1, f"eval.{name}", e[name], "must be an integer >= 1")
     need(isinstance(e.every_steps, int) and e.every_steps >= 0, "eval.every_steps", e.every_steps, "must be >= 0")
-    need(e.grid_images <= e.num_images, "eval.grid_images", e.grid_images, f"must be <= eval.num_images")
+    need(e.grid_images <= e.num_images, "eval.grid_images", e.grid_images, "must be <= eval.num_images")
     f = 2 ** (len(config.vae.ch_mult) - 1) * config.vae.psz
     need(config.data.image_size % f == 0, "data.image_size", config.data.image_size,
          f"must be a multiple of {f} (the VAE's down factor x vae.psz)")
@@ -167,8 +167,8 @@ def critic(train_cfg) -> PatchDiscriminator | None:
     return PatchDiscriminator(train_cfg.disc_channels, train_cfg.disc_layers) if train_cfg.gan > 0 else None
 
 
-def critic_optimizer(train_cfg) -> optax.GradientTransformation:
-    return optax.adam(train_cfg.disc_lr, b1=0.5, b2=0.9)
+def critic_optimizer(config) -> optax.GradientTransformation:
+    return optax.adam(config.vae_train.disc_lr, b1=0.5, b2=0.9, eps=config.optim.eps)
 
 
 class VaeStateLayout:
@@ -184,7 +184,7 @@ class VaeStateLayout:
         self.param_shardings = shardings_of(boxed, mesh, rules)["params"]
         params = nn.unbox(boxed)["params"]
         self.disc = critic(config.vae_train)
-        self.disc_optimizer = critic_optimizer(config.vae_train)
+        self.disc_optimizer = critic_optimizer(config)
         disc = None
         if self.disc is not None:
             disc = jax.eval_shape(lambda k: self.disc.init(k, jnp.zeros((1, size, size, 3)))["params"],

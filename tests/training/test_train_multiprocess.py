@@ -8,7 +8,7 @@ import subprocess
 
 from train_runs import REPO, checkpoint_steps, command, environment, read_metrics
 
-TOTAL, EVERY = 4, 2
+TOTAL, EVERY = 2, 1
 
 
 def _free_port() -> int:
