@@ -61,7 +61,7 @@ from nextstep_jax.training.init import InitError, init_config, initial_params
 from nextstep_jax.training.metrics import MetricsWriter
 from nextstep_jax.training.optimizer import make_optimizer, nextstep_layer_norm_paths, optim_config, schedule_config
 from nextstep_jax.training.state import abstract_train_state, init_train_state
-from nextstep_jax.training.step import make_train_step, train_step_config
+from nextstep_jax.training.step import make_train_step, must_stop, train_step_config
 from nextstep_jax.training.vae_task import prepare_vae, train_vae
 
 WORKDIR_CONFIG = "config.json"
@@ -286,9 +286,7 @@ def train_nextstep(run: NextStepRun) -> int:
             values = meter.measure(step, metrics, local, data.metrics())
             writer.write(step, values)
             profiler.after(step, metrics)
-            if values["nonfinite"] and config.train_step.nonfinite == "stop":
-                _say(f"step {step}: non-finite loss or gradient (loss={values['loss']}, grad_norm="
-                     f"{values['grad_norm']}); stopped (train_step.nonfinite='stop') without saving it")
+            if must_stop(step, values, config.train_step):
                 code = 1
                 break
             checkpoints.save(step, state, data)

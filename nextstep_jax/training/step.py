@@ -19,6 +19,7 @@ to go on ("skip") or stop ("stop").
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import jax
@@ -171,6 +172,15 @@ def make_train_step(config, model: NextStep, optimizer: optax.GradientTransforma
 
     run.lower = lower
     return run
+
+
+def must_stop(step: int, metrics: dict, options: ml_collections.ConfigDict) -> bool:
+    """True (after saying why on stderr) when this step was non-finite and ``nonfinite`` is "stop"."""
+    if not (metrics["nonfinite"] and options.nonfinite == "stop"):
+        return False
+    print(f"step {step}: non-finite loss or gradient (loss={metrics['loss']}, grad_norm={metrics['grad_norm']}); "
+          "stopped (train_step.nonfinite='stop') without saving it", file=sys.stderr, flush=True)
+    return True
 
 
 def _model_arrays(batch) -> dict:

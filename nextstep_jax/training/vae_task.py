@@ -55,6 +55,7 @@ from nextstep_jax.models.vae import LOGVAR_RANGE, AutoencoderKL, normalize_mean,
 from nextstep_jax.sharding import LOGICAL_AXIS_RULES, batch_sharding, batch_shards, shardings_of, use_mesh
 from nextstep_jax.training import vae_losses
 from nextstep_jax.training.patch_gan import PatchDiscriminator
+from nextstep_jax.training.step import must_stop
 
 INIT_SCHEMES = ("official", "residual_zero")
 EVAL_DIR = "eval"
@@ -579,9 +580,7 @@ def train_vae(run: VaeRun) -> int:
                 values.update(run.evaluator.evaluate(step, state.params))
             last = time.perf_counter()
             writer.write(step, values)
-            if values["nonfinite"] and config.train_step.nonfinite == "stop":
-                _say(f"step {step}: non-finite loss or gradient (loss={values['loss']}, grad_norm="
-                     f"{values['grad_norm']}); stopped (train_step.nonfinite='stop') without saving it")
+            if must_stop(step, values, config.train_step):
                 code = 1
                 break
             checkpoints.save(step, state, data)
