@@ -35,7 +35,6 @@ held-out latents, so the model space has zero mean and unit variance.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 import time

@@ -34,6 +34,7 @@ from nextstep_jax.training.vae_task import (VaeEvaluator, VaeStateLayout, abstra
                                             make_vae_train_step, training_reconstruction, with_vae_defaults)
 
 BATCH = 2
+CONFIGS = Path(__file__).parents[2] / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +163,7 @@ def test_measured_scaling_only_without_normalisation(config):
 def _cli(golden_dir, workdir, *extra):
     from nextstep_jax import train
 
-    return train.main(["--config", str(Path(__file__).parents[2] / "configs" / "tokenizer_shapes.py"),
+    return train.main(["--config", str(CONFIGS / "tokenizer_shapes.py"),
                        "--workdir", str(workdir), "--no-progress", f"--config.init.vae={golden_dir / 'vae'}",
                        "--config.total_steps=2", f"--config.data.batch_size={BATCH}", "--config.data.image_size=32",
                        "--config.eval.num_images=4", "--config.eval.batch_size=2", "--config.eval.grid_images=2",
@@ -194,9 +195,9 @@ def test_trainer_rejects_a_bad_field_before_building(golden_dir, tmp_path, capsy
 def test_mesh_step_matches_one_device(golden_dir, config):
     """8 fake devices (subprocess): the sharded step, critic included, equals the single-device one."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, str(Path(__file__).with_name("vae_mesh_step.py")), str(golden_dir / "vae"),
-                          str(config.data.image_size), str(Path(__file__).parents[2] / "configs" / "tokenizer_shapes.py")],
-                         env=env, capture_output=True, text=True, timeout=300)
+    script, config_file = Path(__file__).with_name("vae_mesh_step.py"), CONFIGS / "tokenizer_shapes.py"
+    out = subprocess.run([sys.executable, str(script), str(golden_dir / "vae"), str(config.data.image_size),
+                          str(config_file)], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     diffs = json.loads(out.stdout.strip().splitlines()[-1])
     # Only the order of float32 reductions differs between the two layouts.
