@@ -7,7 +7,7 @@ TPU_VENV := .venv-tpu
 TPU_PY := $(TPU_VENV)/bin/python
 TPU_STAMP := $(TPU_VENV)/.installed
 
-.PHONY: test test-golden test-tpu install clean
+.PHONY: test test-golden test-tpu install demo clean
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
+# The whole system end to end on a CPU, ~15 minutes: outputs/demo/report.md (python -m nextstep_jax.demo --help).
+demo: $(STAMP)
+	$(PY) -m nextstep_jax.demo --out outputs/demo
+
 # The tests that read golden vectors, against another golden folder: make test-golden GOLDEN=/path/to/set
 test-golden: $(STAMP)
 	test -d "$(GOLDEN)/cases" || { echo "GOLDEN=$(GOLDEN): not a golden folder (no cases/)"; exit 2; }
@@ -33,9 +37,9 @@ $(TPU_STAMP): requirements.txt requirements-test.txt requirements-tpu.txt pyproj
 	$(TPU_PY) -m pip install -q --no-deps -e .
 	touch $(TPU_STAMP)
 
-# TPU programs compiled ahead of time on this host (no TPU needed): tests/tpu.
+# TPU programs compiled ahead of time on this host (no TPU needed): tests/tpu; the pod launcher's libtpu flags.
 test-tpu: $(TPU_STAMP)
-	NEXTSTEP_REQUIRE_TPU=1 $(TPU_PY) -m pytest -q tests/tpu
+	NEXTSTEP_REQUIRE_TPU=1 ALLOW_MULTIPLE_LIBTPU_LOAD=1 $(TPU_PY) -m pytest -q tests/tpu tests/launch
 
 clean:
 	rm -rf $(VENV) $(TPU_VENV) .pytest_cache

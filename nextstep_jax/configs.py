@@ -62,11 +62,16 @@ def model_config(**overrides: Any) -> ml_collections.ConfigDict:
             # Numerics and layout (ours, not in the release).
             dtype="float32",  # compute dtype; params are always float32
             scan_layers=True,
-            remat_policy="none",  # none | full | dots | dots_with_no_batch_dims
+            # none | full | dots | dots_with_no_batch_dims | nothing_saveable | save_qkv_attention |
+            # offload_qkv_attention | offload_dots_with_no_batch_dims (models/backbone.py REMAT_POLICIES)
+            remat_policy="none",
             # The loss runs the LM head and FM head over sequence chunks of this many positions (a
             # rematerialised scan), so full-vocabulary logits exist for one chunk at a time.
             loss_chunk_size=1024,
-            attention_impl="auto",  # auto | xla | cudnn | jax (jax.nn.dot_product_attention's own choice)
+            # auto | xla | splash (TPU) | cudnn (GPU); auto: splash on TPU, cuDNN on GPU in 16-bit, else xla
+            attention_impl="auto",
+            attention_block_q=512,  # splash tile sizes (clipped to the sequence length)
+            attention_block_kv=512,
             # Fused projections (MaxText's fused_qkv / fused_mlp): q, k, v as one [embed, kv_heads, G+2, D]
             # kernel grouped by kv head, gate and up as one [embed, 2, mlp] kernel. One weight read per
             # layer instead of three / two, which is what bandwidth-bound decoding wants. Checkpoints and

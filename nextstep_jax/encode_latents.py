@@ -119,12 +119,12 @@ def encode_records(records: str | Path | RecordSource, out_dir: str | Path, run:
                    batch_size: int, *, image_size: int, multi_aspect: bool, latent_dtype: str = "float32",
                    max_pixels: int = image_ops.DEFAULT_MAX_PIXELS, records_per_shard: int = 1000,
                    progress: bool = True) -> dict:
-    """Encode every image of ``records`` (a record directory or its source) with ``run`` (a batch of exactly
-    ``batch_size``)."""
+    """Encode every image of ``records`` (a record directory, or a random-access source of samples such as its
+    ``RecordSource`` or a ``ShapesSource``) with ``run`` (a batch of exactly ``batch_size``)."""
     if latent_dtype not in LATENT_DTYPES:
         raise ValueError(f"latent_dtype must be one of {LATENT_DTYPES}")
     grids = bucket_grids(image_size, multi_aspect)
-    source = records if isinstance(records, RecordSource) else RecordSource(records)
+    source = RecordSource(records) if isinstance(records, (str, Path)) else records
     batcher = _BucketBatcher(run, batch_size)
     pending: deque[_PendingSample] = deque()
     max_pending = 8 * batch_size * len(grids)

@@ -14,6 +14,12 @@ scales XLA's own time estimate for the compiled program (the TPU compiler report
 XLA FLOP ratio, which puts back the loop iterations XLA counts once; without an estimate it assumes the
 chip's peak. ``--program loss`` compiles the loss forward alone.
 
+The memory levers are config fields and the report names each one it compiled with: the attention kernel
+(``model.attention_impl``, resolved for the target: splash on TPU), ``model.remat_policy`` (host-offload policies
+report what they move to pinned host memory as ``host_temporary_bytes``), the AdamW moment dtypes
+(``optim.mu_dtype``, ``optim.nu_dtype``), ``train_step.microbatches`` and the mesh (``mesh.sequence`` splits the
+sequence).
+
 The generation program (``generation/generator.py``: prefill, the loop over image tokens, VAE decode) is
 compiled the same way, from abstract params in the decode layout and in the model's compute dtype (as
 ``sample.py`` loads them), for ``--num-images`` images at ``config.sampling.hw`` with the sampling settings'
@@ -35,13 +41,8 @@ import sys
 import time
 from pathlib import Path
 
-# Per chip: memory XLA lets a program use (as its out-of-memory message states), peak dense bf16 FLOP/s.
-CHIPS = {
-    "v4": {"memory_bytes": int(15.25 * 2**30), "peak_flops": 275e12},
-    "v5e": {"memory_bytes": int(15.75 * 2**30), "peak_flops": 197e12},
-    "v5p": {"memory_bytes": int(95.74 * 2**30), "peak_flops": 459e12},
-    "v6e": {"memory_bytes": int(31.25 * 2**30), "peak_flops": 918e12},
-}
+from nextstep_jax.training.chips import CHIPS
+
 PROGRAMS = ("train", "loss")
 GIB = 2**30
 
@@ -72,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _defaults():
     """The trainer's built-in defaults: the step, optimizer and data sections are the ones a run reads."""
-    from nextstep_jax.train import train_config
+    from nextstep_jax.training.run_config import train_config
 
     return train_config()
 
@@ -148,7 +149,7 @@ def _largest_buffers(message: str, limit: int = 8) -> list[str]:
 def _optimizer(config):
     """The trainer's AdamW (``config.optim``, ``config.schedule``): its state, with frozen parameters left
     out and the first moment's dtype, is what memory sees."""
-    from nextstep_jax.train import optimizer_for
+    from nextstep_jax.training.nextstep_task import optimizer_for
 
     return optimizer_for(config)[0]
 
@@ -271,6 +272,8 @@ def _record_fit(entry: dict, compiled, start: float, chip, chip_name: str) -> No
     """Compile time, per-device memory and whether it fits the chip, into ``entry``."""
     entry["compile_seconds"] = round(time.perf_counter() - start, 1)
     entry["per_device_bytes"] = per_device = _memory(compiled)
+    # What remat host offload moves to the host's pinned memory (not counted in the chip's total).
+    entry["host_temporary_bytes"] = int(compiled.memory_analysis().host_temp_size_in_bytes)
     entry["fits"] = chip is None or per_device["total"] <= chip["memory_bytes"]
     if not entry["fits"]:
         entry["reason"] = (f"needs {per_device['total'] / GIB:.2f} GiB per chip > {chip['memory_bytes'] / GIB:.2f} "
@@ -333,6 +336,7 @@ def plan(config, devices, chip: dict | None, chip_name: str | None, program: str
     """The report (see the module docstring); ``fits`` False with ``reason`` when it does not fit. The
     ``generation`` entry is None when the train state alone was refused."""
     from nextstep_jax.configs import replace
+    from nextstep_jax.models.attention import select_kernel
     from nextstep_jax.sharding import make_mesh, validate_mesh
     from nextstep_jax.training.flops import train_step_flops
 
@@ -347,6 +351,8 @@ def plan(config, devices, chip: dict | None, chip_name: str | None, program: str
         validate_mesh(config, mesh)
         optimizer = _optimizer(config) if program == "train" else None
         state, batch, vae_params = _inputs(config, mesh, program, optimizer)
+        kernel = select_kernel(config.model.attention_impl, decoding=False, dtype=config.model.dtype,
+                               platform=devices[0].platform)
     except ValueError as e:
         raise PlanError(str(e)) from None
     data = config.data
@@ -357,7 +363,9 @@ def plan(config, devices, chip: dict | None, chip_name: str | None, program: str
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "batch_size": int(data.batch_size), "seq_len": int(data.seq_len), "microbatches": microbatches,
         "image_input": data.image_input, "dtype": config.model.dtype, "remat_policy": config.model.remat_policy,
-        "loss_chunk_size": int(config.model.loss_chunk_size),
+        "loss_chunk_size": int(config.model.loss_chunk_size), "attention_kernel": kernel,
+        "moment_dtypes": ({"mu": config.optim.mu_dtype, "nu": config.optim.nu_dtype} if program == "train"
+                          else None),
         "device_memory_bytes": chip["memory_bytes"] if chip else None,
         "input_bytes": {held: _per_device_bytes(state), "batch": _per_device_bytes(batch),
                         "vae_params": _per_device_bytes(vae_params) if vae_params else 0},
@@ -422,11 +430,16 @@ def _table(report: dict) -> str:
             ("global batch x seq", f"{report['batch_size']} x {report['seq_len']} ({report['microbatches']} "
                                    f"microbatch{'es' if report['microbatches'] > 1 else ''})"),
             ("dtype / remat / loss chunk",
-             f"{report['dtype']} / {report['remat_policy']} / {report['loss_chunk_size']}")]
+             f"{report['dtype']} / {report['remat_policy']} / {report['loss_chunk_size']}"),
+            ("attention kernel", report["attention_kernel"])]
+    if report["moment_dtypes"]:
+        rows.append(("AdamW moments mu / nu", f"{report['moment_dtypes']['mu']} / {report['moment_dtypes']['nu']}"))
     rows += [(f"input: {k}", gib(v)) for k, v in report["input_bytes"].items()]
     per = report.get("per_device_bytes")
     if per:
         rows += [(f"per device: {k}", gib(v)) for k, v in per.items()]
+        if report.get("host_temporary_bytes"):
+            rows.append(("per device: host (offloaded)", gib(report["host_temporary_bytes"])))
     rows.append(("device memory", gib(report["device_memory_bytes"])))
     rows.append(("fits", str(report["fits"]) + (f" ({report['reason']})" if report.get("reason") else "")))
     flops = report.get("flops_per_step")

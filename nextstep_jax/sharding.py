@@ -79,8 +79,25 @@ def make_mesh(shape: dict[str, int] | None = None, devices: Sequence[jax.Device]
     total = int(np.prod(list(sizes.values())))
     if total != len(devices):
         raise ValueError(f"mesh {sizes} needs {total} devices, have {len(devices)}")
-    grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:
+        grid = _multi_slice_grid(sizes, devices, slices)
+    else:
+        grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
     return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def _multi_slice_grid(sizes: dict[str, int], devices: list, slices: int) -> np.ndarray:
+    """Devices of several slices (multi-slice TPU pods) with ``data`` spanning the slices: only the data-parallel
+    gradient reduction then crosses the slow links between slices, every other axis stays inside one slice."""
+    from jax.experimental import mesh_utils
+
+    if sizes["data"] % slices:
+        raise ValueError(f"mesh.data={sizes['data']} must be a multiple of the {slices} slices: the data axis "
+                         f"spans the slices")
+    inside = [sizes["data"] // slices] + [sizes[a] for a in MESH_AXES[1:]]
+    across = [slices] + [1] * (len(MESH_AXES) - 1)
+    return mesh_utils.create_hybrid_device_mesh(inside, across, devices)
 
 
 def logical_to_mesh_spec(logical: Sequence[str | None], rules=LOGICAL_AXIS_RULES) -> PartitionSpec:

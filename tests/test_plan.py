@@ -5,6 +5,7 @@ culprit named); the generation program lowered from abstract inputs is the one r
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from importlib.util import find_spec
@@ -19,7 +20,8 @@ from nextstep_jax.configs import mesh_config
 from nextstep_jax.generation.generator import Generator
 from nextstep_jax.generation.prompts import PromptTokenizer
 from nextstep_jax.generation.settings import SamplingSettings
-from nextstep_jax.plan import CHIPS, generation_inputs
+from nextstep_jax.plan import generation_inputs
+from nextstep_jax.training.chips import CHIPS
 from nextstep_jax.sharding import make_mesh, use_mesh
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +48,7 @@ def test_tiny_step_report(tmp_path):
     assert per["aliased"] >= report["input_bytes"]["state"] > 0  # the donated state is updated in place
     assert report["flops_per_step"]["xla"] > 0 and report["flops_per_step"]["analytic_model"] > 0
     assert 0 < report["projected"]["mfu"] <= 1
+    assert report["attention_kernel"] == "xla" and report["moment_dtypes"] == {"mu": "float32", "nu": "float32"}
     for line in ("per device: total", "FLOPs/step analytic_model", "MFU", "generation per device: total"):
         assert line in run.stdout
     gen = report["generation"]
@@ -55,6 +58,27 @@ def test_tiny_step_report(tmp_path):
     assert min(per["arguments"], per["outputs"], per["temporaries"]) > 0
     assert per["total"] == per["arguments"] + per["outputs"] - per["aliased"] + per["temporaries"] + per["code"]
     assert gen["input_bytes"]["params"] > 0 and gen["input_bytes"]["vae_params"] > 0
+
+
+def test_memory_levers_show_in_the_report(tmp_path):
+    """bfloat16 AdamW moments shrink the state by exactly the float32 params' size (mu and nu each halve), full
+    remat shrinks the step's temporaries, and the report names the levers it compiled with."""
+    base = ["--devices", "8", "--chip", "v5p", "--config.mesh.fsdp=8", "--config.data.batch_size=8",
+            "--config.data.seq_len=256", "--config.data.image_input=latents"]
+    run, plain = _plan(tmp_path, "tiny.py", *base)
+    assert run.returncode == 0, run.stderr[-3000:]
+    levers = ["--config.optim.mu_dtype=bfloat16", "--config.optim.nu_dtype=bfloat16",
+              "--config.model.remat_policy=full"]
+    run, lean = _plan(tmp_path, "tiny.py", *base, *levers)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert plain["attention_kernel"] == lean["attention_kernel"] == "xla"  # CPU devices
+    assert plain["moment_dtypes"] == {"mu": "float32", "nu": "float32"}
+    assert lean["moment_dtypes"] == {"mu": "bfloat16", "nu": "bfloat16"} and lean["remat_policy"] == "full"
+    assert re.search(r"AdamW moments mu / nu\s+bfloat16 / bfloat16", run.stdout), run.stdout
+    # state = params + mu + nu (+ a few scalars): float32 3P, bfloat16 moments 2P.
+    params = plain["input_bytes"]["state"] - lean["input_bytes"]["state"]
+    assert 3 * params <= plain["input_bytes"]["state"] <= 3 * params + 1024, (plain["input_bytes"], lean["input_bytes"])
+    assert lean["per_device_bytes"]["temporaries"] < plain["per_device_bytes"]["temporaries"]
 
 
 def test_generation_lowers_from_abstract_inputs_as_from_real_ones(golden_dir):

@@ -13,6 +13,8 @@ import orbax.checkpoint as ocp
 from PIL import Image
 
 from nextstep_jax import configs, train
+from nextstep_jax.training import nextstep_task
+from nextstep_jax.training.run_config import resolve_config
 from nextstep_jax.checkpoint import load_model, load_vae, read_model_config
 from nextstep_jax.data.tokenizer import load_tokenizer
 from train_runs import REPO, SMALL, checkpoint_steps, read_metrics, run_train
@@ -126,8 +128,8 @@ def test_init_from_a_release_takes_its_architecture_tokenizer_and_vae(tmp_path, 
     release, vae = golden_dir / "model", golden_dir / "vae"
     argv = [f"--config={REPO / 'configs' / 'tiny.py'}", "--workdir", str(tmp_path / "run"), *SMALL,
             "--config.init.source=checkpoint", f"--config.init.path={release}", f"--config.init.vae={vae}"]
-    args, overrides = configs.parse_args(train._parser(), argv)
-    run = train.prepare_nextstep(train.resolve_config(args, overrides), args)
+    args, overrides = configs.parse_args(train.parser(), argv)
+    run = nextstep_task.prepare(resolve_config(args, overrides, train.TASKS), args)
     stored = read_model_config(release)
     for field in ARCHITECTURE:
         assert run.config.model[field] == stored[field], field

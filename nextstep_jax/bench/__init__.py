@@ -6,4 +6,6 @@ before JAX starts).
                   generation)
     convert.py    ``python -m nextstep_jax.bench.convert``: checkpoint conversion throughput and memory
     data.py       ``python -m nextstep_jax.bench.data``: data pipeline throughput
+    gpu_check.py  ``python -m nextstep_jax.bench.gpu_check``: the one-shot GPU check (14B generation against the
+                  weight-streaming roofline, train-step MFU; ``scripts/gpu_check.sh``)
 """

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -278,9 +279,13 @@ def train(config: dict, machine: dict) -> dict:
     """One step of the trainer's loss on the ``backbone`` sizes with an FM head of ``fm_dim`` x ``fm_layers``:
     forward+backward alone (``value_and_grad`` of ``NextStep.loss``, called as ``training/step.py`` calls
     it), the AdamW update alone, and the full jitted train step (``make_train_step``) with the official
-    optimizer (``make_optimizer``). FLOPs are the trainer's analytic count (``training/flops.py``)."""
+    optimizer (``make_optimizer``). Every row holds ``image_tokens`` image targets, the bound the FM head's
+    slots are sized to. FLOPs are the trainer's analytic count of the useful work (``training/flops.py``: the
+    LM head on the text positions, the image path on the image targets, causal attention), as the official
+    trainer does it; ``hardware_flops`` is what the step runs."""
     t, b, dtype = config["train"], config["backbone"], config["dtype"]
     key = jax.random.key(config["seed"])
+    load_before = os.getloadavg()
     v = b["vocab"]  # the special tokens take the top ids of the vocabulary
     cfg = _backbone_cfg(b, dtype, True, fm_head_dim=t["fm_dim"], fm_head_layers=t["fm_layers"],
                         fm_head_batch_mul=t["fm_head_batch_mul"], boi=v - 4, eoi=v - 3, image_placeholder_id=v - 2,
@@ -295,7 +300,7 @@ def train(config: dict, machine: dict) -> dict:
     def loss(p):
         return model.apply({"params": p}, batch["input_ids"], batch["labels"], batch["image_tokens"],
                            batch["image_loss_mask"], segment_ids=batch["segment_ids"], positions=batch["positions"],
-                           rng=row_keys, totals=totals, method=NextStep.loss)
+                           rng=row_keys, totals=totals, image_positions=t["image_tokens"], method=NextStep.loss)
 
     fwd_bwd_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
     fb_first, fwd_bwd = _timed(lambda: fwd_bwd_fn(params), config["warmup"], config["repeats"])
@@ -315,7 +320,8 @@ def train(config: dict, machine: dict) -> dict:
 
     _, adamw = _timed(lambda: update(grads, state.opt_state, state.params), config["warmup"], config["repeats"])
     del grads
-    step_fn = make_train_step(ml_collections.ConfigDict({"model": cfg.to_dict()}), model, optimizer, mesh)
+    step_fn = make_train_step(ml_collections.ConfigDict({"model": cfg.to_dict()}), model, optimizer, mesh,
+                              image_positions=t["image_tokens"])
     carry = {"state": state}  # the step donates its state: each call continues from the previous one
 
     def one_step():
@@ -330,7 +336,7 @@ def train(config: dict, machine: dict) -> dict:
     w = jax.random.normal(key, (b["hidden"], b["intermediate"]), jnp.float32)
     matmul = jax.jit(jnp.matmul)
     train_shape = 2 * a.size * w.shape[1] / _best(lambda: matmul(a, w), 5) / 1e9
-    flops = train_step_flops(cfg, rows, seq)
+    flops = train_step_flops(cfg, rows, seq, image_targets=t["image_tokens"], image_positions=t["image_tokens"])
     peak = machine["matmul_f32_gflops"]
     fb_gflops, step_gflops = flops["model"] / fwd_bwd / 1e9, flops["model"] / step / 1e9
     return {"fwd_bwd_median_s": fwd_bwd, "step_median_s": step, "tokens_per_s": rows * seq / step,
@@ -342,9 +348,11 @@ def train(config: dict, machine: dict) -> dict:
             "matmul_train_shape_gflops": train_shape,
             "fwd_bwd_fraction_of_train_shape_matmul": fb_gflops / train_shape,
             "flops": flops["model"], "hardware_flops": flops["hardware"],
-            "flops_counted_as": "training/flops.py: 6N + dense attention + the image path on every position",
+            "flops_counted_as": "training/flops.py: 6N of the layers, causal attention, the LM head on the text "
+                                "positions, the image path on the image targets (fm_head_batch_mul times)",
             "params": sum(x.size for x in jax.tree.leaves(params)), "layers": "scan",
-            "last_step_loss": float(carry["metrics"]["loss"])}
+            "last_step_loss": float(carry["metrics"]["loss"]),
+            "load_average": {"before": load_before, "after": os.getloadavg()}}
 
 
 WORKLOADS = {"fm_sample": fm_sample, "backbone": backbone, "train": train, "generate": generate}

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from nextstep_jax.models.attention import attention_mask
+from nextstep_jax.models.attention import Masking
 from nextstep_jax.models.backbone import Backbone
 from nextstep_jax.models.fm_head import SimpleMLPAdaLN, flow_matching_errors
 from nextstep_jax.models.layers import as_dtype, normal_init, partitioned
@@ -98,14 +98,10 @@ class NextStep(nn.Module):
         the slot index 0..T-1 for every row, as the reference (also for left-padded rows).
         """
         b, t = input_ids.shape
-        slots = jnp.arange(t, dtype=jnp.int32)
-        valid = jnp.ones((b, t), bool) if attention_mask_2d is None else attention_mask_2d.astype(bool)
-        if segment_ids is not None:
-            valid &= segment_ids > 0
-        mask = attention_mask(slots, valid, segment_ids, segment_ids)
+        masking = Masking.documents(b, t, attention_mask_2d, segment_ids)
         if positions is None:
-            positions = jnp.broadcast_to(slots, (b, t))
-        hidden, _ = self.backbone(self.embed(input_ids, image_tokens), positions, mask)
+            positions = jnp.broadcast_to(masking.q_slots, (b, t))
+        hidden, _ = self.backbone(self.embed(input_ids, image_tokens), positions, masking)
         return hidden
 
     def step(self, embeds, kv_valid, cache, cache_index, positions=None):
@@ -117,12 +113,12 @@ class NextStep(nn.Module):
         slots = cache_index + jnp.arange(t, dtype=jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(slots, (b, t))
-        mask = attention_mask(slots, kv_valid)
-        return self.backbone(embeds, positions, mask, cache, cache_index)
+        return self.backbone(embeds, positions, Masking(slots, kv_valid), cache, cache_index)
 
     # ------------------------------------------------------------------------------------------- loss
     def loss(self, input_ids, labels, image_tokens=None, image_loss_mask=None, attention_mask_2d=None,
-             segment_ids=None, positions=None, *, rng=None, fm_noise=None, fm_u=None, totals=None):
+             segment_ids=None, positions=None, *, rng=None, fm_noise=None, fm_u=None, totals=None,
+             image_positions: int | None = None):
         """Joint loss ``lm_loss_weight·CE + im_loss_weight·FM`` -> (loss, metrics).
 
         Position i predicts token i+1: LM cross-entropy where token i+1 is text and ``labels[i+1]`` !=
@@ -130,9 +126,12 @@ class NextStep(nn.Module):
         weight ``image_loss_mask[i+1]`` (default 1). Pairs that straddle two packed documents are skipped.
         An empty LM or FM selection contributes 0 (text-only and image-only batches are both valid).
 
-        Both heads run on every position with zero weight where a pair does not count, so the batch stays
-        sharded (no gather over the flattened batch), in sequence chunks of ``loss_chunk_size`` under a
-        rematerialised scan, so the vocabulary logits and head activations of one chunk exist at a time.
+        The LM head runs on every position with zero weight where a pair does not count. The FM head runs on
+        ``image_positions`` slots per row: each row's image targets gathered in order (a static bound the
+        caller guarantees, e.g. the data pipeline's image slots x tokens per image; None: every position with
+        zero weight elsewhere). Either way the batch stays sharded (nothing is gathered across rows). Each head
+        walks its positions in chunks of ``loss_chunk_size``, rematerialised when there are several, so the
+        vocabulary logits and head activations of one chunk exist at a time.
 
         FM noise and u: drawn from ``rng`` (one key, or one key per row: then a row's draws do not depend on
         which rows share its batch), or injected in the reference's order: ``fm_noise`` [N·batch_mul, D]
@@ -144,13 +143,16 @@ class NextStep(nn.Module):
         cfg = self.cfg
         hidden = self(input_ids, image_tokens, attention_mask_2d, segment_ids, positions)
         pairs = _loss_pairs(cfg, input_ids, labels, image_loss_mask, attention_mask_2d, segment_ids)
-        xs = {"hidden": hidden, "lm_target": pairs["lm_target"], "lm_weight": pairs["lm_weight"]}
+        lm = {"hidden": hidden, "target": pairs["lm_target"], "weight": pairs["lm_weight"]}
+        sums = {"lm": _chunked_sum(self, _lm_chunk, lm, cfg.loss_chunk_size), "fm": jnp.float32(0.0)}
         with_images = image_tokens is not None
         if with_images:
-            xs.update(_fm_inputs(cfg, image_tokens, pairs, rng, fm_noise, fm_u))
-        sums = _chunked_sums(self, xs, cfg.loss_chunk_size, with_images)
+            fm = {"hidden": hidden, **_fm_inputs(cfg, image_tokens, pairs, rng, fm_noise, fm_u)}
+            if image_positions is not None and image_positions < hidden.shape[1]:
+                fm = _gather_image_targets(fm, pairs["is_image"], image_positions)
+            sums["fm"] = _chunked_sum(self, _fm_chunk, fm, cfg.loss_chunk_size)
         counts = {"lm_tokens": jnp.sum(pairs["lm_weight"]),
-                  "image_tokens": jnp.sum(xs["fm_weight"]) if with_images else jnp.float32(0.0)}
+                  "image_tokens": jnp.sum(fm["weight"]) if with_images else jnp.float32(0.0)}
         if totals is not None:
             counts = {k: jnp.asarray(totals[k], jnp.float32) for k in counts}
         lm_loss = sums["lm"] / jnp.maximum(counts["lm_tokens"], 1.0)
@@ -197,7 +199,7 @@ def _loss_pairs(cfg, input_ids, labels, image_loss_mask, attention_mask_2d, segm
 
 
 def _fm_inputs(cfg, image_tokens, pairs, rng, fm_noise, fm_u) -> dict:
-    """FM targets x1 [B, T, D], weights [B, T], noise [B, T, batch_mul, D] and u [B, T, batch_mul]."""
+    """FM targets x1 [B, T, D], weight [B, T], noise [B, T, batch_mul, D] and u [B, T, batch_mul]."""
     b, t = pairs["is_image"].shape
     mul, dim = cfg.fm_head_batch_mul, token_dim(cfg)
     weight = pairs["fm_weight"]
@@ -220,7 +222,7 @@ def _fm_inputs(cfg, image_tokens, pairs, rng, fm_noise, fm_u) -> dict:
     else:
         raise ValueError("NextStep.loss with image tokens needs `rng` unless both `fm_noise` and `fm_u` are given")
     return {"x1": constrain(_next(image_tokens.astype(jnp.float32), 0.0), (*_ACT, None)),
-            "fm_weight": constrain(weight, _ACT), "noise": constrain(noise, (*_ACT, None, None)),
+            "weight": constrain(weight, _ACT), "noise": constrain(noise, (*_ACT, None, None)),
             "u": constrain(u, (*_ACT, None))}
 
 
@@ -234,44 +236,59 @@ def _row_keys(rng: jax.Array, rows: int) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(rows))
 
 
-def _chunk_sums(model: "NextStep", sums: dict, xs: dict, with_images: bool):
-    """Weighted LM negative log-likelihood and FM squared-error sums of one sequence chunk."""
-    cfg = model.cfg
+def _gather_image_targets(fm: dict, is_image: jnp.ndarray, slots: int) -> dict:
+    """Each row's first ``slots`` image targets in position order -> [B, slots, ...]; slots past a row's
+    targets get weight 0. A per-row gather: rows stay where they are."""
+    order = jnp.argsort(~is_image, axis=1, stable=True)[:, :slots]
+    filled = jnp.take_along_axis(is_image, order, axis=1)
+    gathered = {k: jnp.take_along_axis(v, order.reshape(*order.shape, *([1] * (v.ndim - 2))), axis=1)
+                for k, v in fm.items()}
+    gathered["weight"] = jnp.where(filled, gathered["weight"], 0.0)
+    return gathered
+
+
+def _lm_chunk(model: "NextStep", xs: dict) -> jnp.ndarray:
+    """Weighted LM negative log-likelihood sum of one chunk."""
     h = constrain(xs["hidden"], (*_ACT, "activation_embed"))
     logits = constrain(model.logits(h), (*_ACT, "activation_vocab"))
-    picked = jnp.take_along_axis(logits, xs["lm_target"][..., None], axis=-1)[..., 0]
+    picked = jnp.take_along_axis(logits, xs["target"][..., None], axis=-1)[..., 0]
     nll = jax.nn.logsumexp(logits, axis=-1) - picked
-    sums = {**sums, "lm": sums["lm"] + jnp.sum(nll * xs["lm_weight"])}
-    if with_images:
-        b, c, mul, dim = xs["noise"].shape
-        cond = model.condition(h) if cfg.loss_uses_out_projector else h
-        c_emb = model.image_head.embed_condition(cond.reshape(b * c, -1))
-        rows = lambda x: x.reshape(b * c * mul, *x.shape[3:])
-        c_emb = rows(jnp.broadcast_to(c_emb.reshape(b, c, 1, -1), (b, c, mul, c_emb.shape[-1])))
-        x1 = jax.lax.stop_gradient(jnp.broadcast_to(xs["x1"][:, :, None], (b, c, mul, dim)))
-        err = flow_matching_errors(lambda x, t, ce: model.image_head.velocity(x, t, ce), rows(x1), c_emb,
-                                   rows(xs["noise"]), rows(xs["u"]))
-        weight = jnp.broadcast_to(xs["fm_weight"][:, :, None], (b, c, mul))
-        sums = {**sums, "fm": sums["fm"] + jnp.sum(err * rows(weight))}
-    return sums, None
+    return jnp.sum(nll * xs["weight"])
 
 
-def _chunked_sums(model: "NextStep", xs: dict, chunk: int, with_images: bool) -> dict:
-    """``_chunk_sums`` over [B, T] split into ceil(T / chunk) sequence chunks (zero-weight padding)."""
-    t = xs["hidden"].shape[1]
-    chunk = min(chunk, t)
-    n = -(-t // chunk)
-    if n * chunk != t:
-        xs = {k: jnp.pad(v, [(0, 0), (0, n * chunk - t)] + [(0, 0)] * (v.ndim - 2)) for k, v in xs.items()}
+def _fm_chunk(model: "NextStep", xs: dict) -> jnp.ndarray:
+    """Weighted flow-matching squared-error sum of one chunk, every target repeated ``batch_mul`` times."""
+    cfg = model.cfg
+    h = constrain(xs["hidden"], (*_ACT, "activation_embed"))
+    b, c, mul, dim = xs["noise"].shape
+    cond = model.condition(h) if cfg.loss_uses_out_projector else h
+    c_emb = model.image_head.embed_condition(cond.reshape(b * c, -1))
+    rows = lambda x: x.reshape(b * c * mul, *x.shape[3:])
+    c_emb = rows(jnp.broadcast_to(c_emb.reshape(b, c, 1, -1), (b, c, mul, c_emb.shape[-1])))
+    x1 = jax.lax.stop_gradient(jnp.broadcast_to(xs["x1"][:, :, None], (b, c, mul, dim)))
+    err = flow_matching_errors(lambda x, t, ce: model.image_head.velocity(x, t, ce), rows(x1), c_emb,
+                               rows(xs["noise"]), rows(xs["u"]))
+    return jnp.sum(err * rows(jnp.broadcast_to(xs["weight"][:, :, None], (b, c, mul))))
+
+
+def _chunked_sum(model: "NextStep", chunk_sum, xs: dict, chunk: int) -> jnp.ndarray:
+    """``chunk_sum`` over [B, L, ...] split into ceil(L / chunk) chunks along L (zero-weight padding)."""
+    length = xs["hidden"].shape[1]
+    chunk = min(chunk, length)
+    n = -(-length // chunk)
+    if n == 1:  # one chunk: rematerialising it would only recompute the heads
+        return chunk_sum(model, xs)
+    if n * chunk != length:
+        xs = {k: jnp.pad(v, [(0, 0), (0, n * chunk - length)] + [(0, 0)] * (v.ndim - 2)) for k, v in xs.items()}
     # [B, n·chunk, ...] -> [n, B, chunk, ...]: the scan walks chunks; each slice keeps the batch sharding.
     xs = {k: jnp.moveaxis(v.reshape(v.shape[0], n, chunk, *v.shape[2:]), 1, 0) for k, v in xs.items()}
-    def body(mdl, sums, x):
-        return _chunk_sums(mdl, sums, x, with_images)
+
+    def body(mdl, total, x):
+        return total + chunk_sum(mdl, x), None
 
     scan = nn.scan(nn.remat(body, prevent_cse=False), variable_broadcast="params", split_rngs={"params": False},
                    length=n)
-    sums, _ = scan(model, {"lm": jnp.float32(0.0), "fm": jnp.float32(0.0)}, xs)
-    return sums
+    return scan(model, jnp.float32(0.0), xs)[0]
 
 
 def _init_inputs(cfg):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Mapping
 
 import jax
@@ -99,3 +100,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     else:
         jax.distributed.initialize()
     return settings
+
+
+def say(message: str) -> None:
+    """A progress message on stderr, from process 0 only (one voice in multi-host runs)."""
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)

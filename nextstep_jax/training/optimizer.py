@@ -43,7 +43,8 @@ def optim_config() -> ml_collections.ConfigDict:
         weight_decay=0.1,
         decay_set="official",  # official | no_1d
         clip_norm=1.0,  # global L2 norm of the trained gradients; 0 disables clipping
-        mu_dtype="float32",  # first moment dtype ("bfloat16" halves its memory); the second stays float32
+        mu_dtype="float32",  # first moment dtype ("bfloat16" halves its memory)
+        nu_dtype="float32",  # second moment storage dtype ("bfloat16": stored rounded, updated in float32)
         # Regexes matched against the whole "/"-joined param path, e.g. "backbone/.*" (the official
         # freeze_lm_model: layers + final norm), "embed_tokens/.*", "lm_head/.*".
         freeze=(),
@@ -169,8 +170,26 @@ def make_optimizer(optim: ml_collections.ConfigDict, schedule_cfg: ml_collection
                         mu_dtype=jnp.dtype(optim.mu_dtype),
                         # multi_transform hands the trained subtree (frozen leaves masked out) to this callable.
                         mask=lambda trained: _subtree_like(trained, trained_mask))
+    if jnp.dtype(optim.nu_dtype) != jnp.float32:
+        adamw = _second_moment_stored_as(adamw, jnp.dtype(optim.nu_dtype))
     train = optax.chain(optax.clip_by_global_norm(optim.clip_norm), adamw) if optim.clip_norm else adamw
     return optax.multi_transform({TRAIN: train, FROZEN: optax.set_to_zero()}, labels), schedule
+
+
+def _second_moment_stored_as(tx: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+    """``tx`` with every Adam second moment kept in ``dtype`` between steps and updated in float32 (optax casts
+    only the first moment)."""
+    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
+
+    def cast(state, to):
+        return jax.tree.map(lambda s: s._replace(nu=jax.tree.map(lambda n: n.astype(to), s.nu)) if is_adam(s) else s,
+                            state, is_leaf=is_adam)
+
+    def update(updates, state, params=None):
+        updates, state = tx.update(updates, cast(state, jnp.float32), params)
+        return updates, cast(state, dtype)
+
+    return optax.GradientTransformation(lambda params: cast(tx.init(params), dtype), update)
 
 
 def _subtree_like(masked_params, full_mask):

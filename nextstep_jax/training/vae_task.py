@@ -4,8 +4,8 @@
     python -m nextstep_jax.train --config=configs/tokenizer_finetune.py --workdir /runs/vae \\
         --config.init.vae=NextStep-1-f8ch16-Tokenizer --export /runs/vae/release
 
-The same trainer as NextStep training: mesh, Orbax checkpoints with the data iterator (exact resume),
-metrics.jsonl + TensorBoard, SIGTERM handling, export. What differs is the model (the ``vae`` section's
+The same loop as NextStep training (``training/loop.py``): mesh, Orbax checkpoints with the data iterator
+(exact resume), metrics.jsonl + TensorBoard, SIGTERM handling, export. What differs is the model (the ``vae`` section's
 AutoencoderKL), the data (``data/image_pipeline.py``: image batches, ``data.batch_size`` images per step) and
 the step. Sections read (defaults in ``vae_task_config()``): ``vae``, ``vae_train`` (losses, noise, critic,
 scratch init), ``data``, ``optim``/``schedule`` (the VAE's AdamW), ``eval`` (held-out set), ``init.vae``
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -50,11 +49,19 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from nextstep_jax.checkpoint import load_vae
+from nextstep_jax.configs import ConfigError
+from nextstep_jax.data.image_pipeline import ImageDataConfig, make_image_iterator
+from nextstep_jax.data.pipeline import dataset_specs
 from nextstep_jax.models.vae import LOGVAR_RANGE, AutoencoderKL, normalize_mean, sample_posterior
-from nextstep_jax.sharding import LOGICAL_AXIS_RULES, batch_sharding, batch_shards, shardings_of, use_mesh
+from nextstep_jax.sharding import LOGICAL_AXIS_RULES, batch_sharding, batch_shards, make_mesh, shardings_of, use_mesh
 from nextstep_jax.training import vae_losses
+from nextstep_jax.training.distributed import say
+from nextstep_jax.training.optimizer import make_optimizer
 from nextstep_jax.training.patch_gan import PatchDiscriminator
-from nextstep_jax.training.step import must_stop
+from nextstep_jax.training.perceptual import load_perceptual_weights
+from nextstep_jax.training.run_config import check_run_fields
+from nextstep_jax.training.workdir import has_checkpoints
 
 INIT_SCHEMES = ("official", "residual_zero")
 EVAL_DIR = "eval"
@@ -108,8 +115,6 @@ def with_vae_defaults(config: ml_collections.ConfigDict) -> ml_collections.Confi
 
 def check_vae_config(config: ml_collections.ConfigDict) -> None:
     """Every VAE-task field that can be checked before anything is built; one error naming the field."""
-    from nextstep_jax.configs import ConfigError
-
     t, e = config.vae_train, config.eval
 
     def need(ok: bool, field: str, value, what: str) -> None:
@@ -457,19 +462,16 @@ def export_vae(vae_cfg, params, dest: str | Path, latent_stats: dict | None = No
     return write_vae_release(dest, exported_vae_config(vae_cfg, latent_stats), params)
 
 
-# --------------------------------------------------------------------------------------------- the trainer
-
-
-def _say(message: str) -> None:
-    if jax.process_index() == 0:
-        print(message, file=sys.stderr, flush=True)
+# ------------------------------------------------------------------------------------------------ the task
 
 
 @dataclasses.dataclass
-class VaeRun:
+class VaeTask:
+    """What the shared loop (``training/loop.py``) asks of VAE training."""
+
     config: ml_collections.ConfigDict
     workdir: Path
-    export: Path | None
+    export_to: Path | None
     progress: bool
     layout: VaeStateLayout
     schedule: Any
@@ -477,27 +479,46 @@ class VaeRun:
     evaluator: VaeEvaluator
     perceptual_net: Any
     initial_params: Any  # None when the workdir holds checkpoints to resume from
+    step_name: str = "VAE train step"
+
+    def abstract_state(self):
+        return self.layout.abstract
+
+    def initial_state(self):
+        params, self.initial_params = self.initial_params, None  # the state holds them from here on
+        if params is None:  # the workdir held only checkpoints that were never completed
+            params = _initial_params(self.config, self.layout)
+        return self.layout.new_state(params, self.config.seed)
+
+    def train_step(self):
+        return make_vae_train_step(self.config, self.layout)
+
+    def step_extra(self):
+        return self.perceptual_net
+
+    def global_batch(self, local: dict) -> dict:
+        return {"images": jax.make_array_from_process_local_data(batch_sharding(self.layout.mesh), local["images"])}
+
+    def measure(self, local: dict, seconds: float) -> dict:
+        return {"step_time": seconds, "images_per_s": self.config.data.batch_size / seconds, **self.data.metrics()}
+
+    def evaluation_due(self, step: int) -> bool:
+        return self.evaluator.due(step)
+
+    def evaluate(self, step: int, params) -> dict:
+        return self.evaluator.evaluate(step, params)
+
+    def export(self, params) -> None:
+        stats = None if self.config.vae.encoder_norm else latent_statistics(self.evaluator.reconstruct(params)[1])
+        export_vae(self.config.vae, params, self.export_to, stats)
+        say(f"exported the tokenizer to {self.export_to}")
 
 
-def prepare_vae(config: ml_collections.ConfigDict, args) -> VaeRun:
+def prepare(config: ml_collections.ConfigDict, args) -> VaeTask:
     """Validate everything and build what can be built without writing or compiling."""
-    from nextstep_jax.configs import ConfigError
-    from nextstep_jax.data.image_pipeline import ImageDataConfig, make_image_iterator
-    from nextstep_jax.data.pipeline import dataset_specs
-    from nextstep_jax.sharding import make_mesh
-    from nextstep_jax.training.optimizer import make_optimizer
-
     config = with_vae_defaults(config)
     check_vae_config(config)
-    for field, value, low in (("total_steps", config.total_steps, 0),
-                              ("checkpoint.every_steps", config.checkpoint.every_steps, 1),
-                              ("checkpoint.keep", config.checkpoint.keep, 1)):
-        if not isinstance(value, int) or value < low:
-            raise ConfigError(f"{field}={value!r}: must be an integer >= {low}")
-    if args.workdir.exists() and not args.workdir.is_dir():
-        raise ConfigError(f"--workdir {args.workdir}: exists and is not a folder")
-    if args.export is not None and args.export.exists() and (not args.export.is_dir() or any(args.export.iterdir())):
-        raise ConfigError(f"--export {args.export}: exists and is not an empty folder")
+    check_run_fields(config, args)
     mesh = make_mesh(dict(config.mesh))
     shards = batch_shards(mesh)
     if config.data.batch_size % shards:
@@ -505,92 +526,21 @@ def prepare_vae(config: ml_collections.ConfigDict, args) -> VaeRun:
                           "shards (mesh axes data x fsdp)")
     perceptual_net = None
     if config.vae_train.perceptual > 0:
-        from nextstep_jax.training.perceptual import load_perceptual_weights
-
         perceptual_net = jax.device_put(load_perceptual_weights(config.vae_train.perceptual_weights),
                                         NamedSharding(mesh, PartitionSpec()))
-    specs = dataset_specs(config)
-    data = make_image_iterator(ImageDataConfig.from_config(config), specs)
+    data = make_image_iterator(ImageDataConfig.from_config(config), dataset_specs(config))
     params = nn.unbox(abstract_vae_variables(config.vae, config.data.image_size))["params"]
     optimizer, schedule = make_optimizer(config.optim, config.schedule, params, total_steps=config.total_steps)
     layout = VaeStateLayout(config, optimizer, mesh)
     evaluator = VaeEvaluator(config, mesh, args.workdir)
-    initial = None
-    checkpoints = args.workdir / "checkpoints"
-    if not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
-        initial = _initial_params(config, layout)
-    return VaeRun(config=config, workdir=args.workdir, export=args.export, progress=not args.no_progress,
-                  layout=layout, schedule=schedule, data=data, evaluator=evaluator, perceptual_net=perceptual_net,
-                  initial_params=initial)
+    initial = None if has_checkpoints(args.workdir) else _initial_params(config, layout)
+    return VaeTask(config=config, workdir=args.workdir, export_to=args.export, progress=not args.no_progress,
+                   layout=layout, schedule=schedule, data=data, evaluator=evaluator, perceptual_net=perceptual_net,
+                   initial_params=initial)
 
 
 def _initial_params(config, layout: VaeStateLayout):
     if config.init.vae:
-        from nextstep_jax.checkpoint import load_vae
-
         _, params = load_vae(config.init.vae, dtype=np.float32, mesh=layout.mesh)
         return params
     return layout.scratch_params(jax.random.fold_in(jax.random.PRNGKey(config.seed), 0))
-
-
-def train_vae(run: VaeRun) -> int:
-    from nextstep_jax.train import CHECKPOINTS_DIR, write_config
-    from nextstep_jax.training.checkpointing import CheckpointRestoreError, StopSignal, TrainCheckpointer
-    from nextstep_jax.training.metrics import MetricsWriter
-
-    config, workdir, data, layout = run.config, run.workdir, run.data, run.layout
-    write_config(workdir, config)
-    checkpoints = TrainCheckpointer(workdir / CHECKPOINTS_DIR, every_steps=config.checkpoint.every_steps,
-                                    keep=config.checkpoint.keep)
-    try:
-        restored = checkpoints.restore_latest(layout.abstract, data)
-    except CheckpointRestoreError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if restored is None:
-        params = run.initial_params if run.initial_params is not None else _initial_params(config, layout)
-        start, state = 0, layout.new_state(params, config.seed)
-    else:
-        start, state = restored
-        _say(f"resuming from step {start} ({checkpoints.directory / str(start)})")
-    run.initial_params = None
-    step_fn = make_vae_train_step(config, layout)
-    sharding = batch_sharding(layout.mesh)
-    images_per_step = config.data.batch_size
-    compiled, code = None, 0
-    with StopSignal() as stop, MetricsWriter(workdir, total_steps=config.total_steps, start_step=start,
-                                             progress=run.progress) as writer:
-        step, last = start, time.perf_counter()
-        while step < config.total_steps:
-            step += 1
-            local = next(data)
-            batch = {"images": jax.make_array_from_process_local_data(sharding, local["images"])}
-            if compiled is None:
-                began = time.perf_counter()
-                compiled = step_fn.lower(state, batch, run.perceptual_net).compile()
-                _say(f"compiled the VAE train step in {time.perf_counter() - began:.1f} s")
-                last = time.perf_counter()
-            state, metrics = compiled(state, batch, run.perceptual_net)
-            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            now = time.perf_counter()
-            values.update(lr=float(run.schedule(step - 1 - (values["skipped"] - values["nonfinite"]))),
-                          step_time=now - last, images_per_s=images_per_step / (now - last), **data.metrics())
-            if run.evaluator.due(step):
-                values.update(run.evaluator.evaluate(step, state.params))
-            last = time.perf_counter()
-            writer.write(step, values)
-            if must_stop(step, values, config.train_step):
-                code = 1
-                break
-            checkpoints.save(step, state, data)
-            if checkpoints.should_stop(step, stop):
-                _say(f"stop requested: saving step {step}")
-                break
-        if code == 0:
-            checkpoints.save(step, state, data, force=True)
-    checkpoints.close()
-    if code == 0 and run.export is not None:
-        stats = None if config.vae.encoder_norm else latent_statistics(run.evaluator.reconstruct(state.params)[1])
-        export_vae(config.vae, state.params, run.export, stats)
-        _say(f"exported the tokenizer to {run.export}")
-    return code

@@ -66,7 +66,9 @@ def test_train_report_is_consistent():
     t = config["train"]
     cfg = model_config(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
                        num_kv_heads=1, head_dim=16, fm_head_dim=16, fm_head_layers=1, fm_head_batch_mul=4)
-    flops = train_step_flops(cfg, t["batch"], t["seq"])["model"]
+    # Each row holds train.image_tokens image targets: the FM head's slots and the useful image work.
+    flops = train_step_flops(cfg, t["batch"], t["seq"], image_targets=t["image_tokens"],
+                             image_positions=t["image_tokens"])["model"]
     assert result["flops"] == pytest.approx(flops, rel=1e-12)
     step, fwd_bwd = result["step_median_s"], result["fwd_bwd_median_s"]
     assert result["tokens_per_s"] == pytest.approx(2 * 16 / step)

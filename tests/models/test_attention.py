@@ -1,9 +1,14 @@
-"""Attention masks and the attention kernel against brute-force / float64 numpy references."""
+"""Attention masks, kernel selection and the XLA kernel against brute-force / float64 numpy references."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from nextstep_jax.models.attention import attention_mask, dot_product_attention
+from nextstep_jax.models.attention import (PADDING_SEGMENT, Masking, attention_mask, select_kernel, target_platform,
+                                           xla_attention)
+from nextstep_jax.models.attention_kernels import cudnn_attention
+from nextstep_jax.sharding import make_mesh, use_mesh
 
 
 def _mask_ref(q_slots, kv_valid, q_seg=None, kv_seg=None):
@@ -60,20 +65,94 @@ def test_gqa_attention_matches_float64_and_padded_rows_stay_finite():
     v = rng.standard_normal((2, 5, 2, 8)).astype(np.float32)
     valid = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], bool)
     mask = np.asarray(attention_mask(jnp.arange(5), jnp.asarray(valid)))
-    got = np.asarray(dot_product_attention(jnp.asarray(q), jnp.asarray(k.transpose(0, 2, 1, 3)),
-                                           jnp.asarray(v.transpose(0, 2, 1, 3)), jnp.asarray(mask)))
+    got = np.asarray(xla_attention(jnp.asarray(q), jnp.asarray(k.transpose(0, 2, 1, 3)),
+                                   jnp.asarray(v.transpose(0, 2, 1, 3)), jnp.asarray(mask)))
     assert np.all(np.isfinite(got))
     ref = _attention_ref(q, k, v, mask)
     rows = np.broadcast_to(valid[:, :, None, None], got.shape)
     np.testing.assert_allclose(got[rows], ref[rows], rtol=1e-5, atol=1e-6)
 
 
-def test_jax_nn_path_matches_xla_path():
-    """The jax.nn.dot_product_attention route (used on GPU) agrees with ours on valid rows."""
+def _packed_masking(seg, valid=None):
+    seg = np.asarray(seg)
+    return Masking.documents(seg.shape[0], seg.shape[1], None if valid is None else jnp.asarray(valid),
+                             jnp.asarray(seg))
+
+
+def test_cudnn_call_matches_xla_path_on_real_rows():
+    """The jax.nn.dot_product_attention call of the cuDNN route (run here by jax.nn's XLA implementation, same
+    arguments) agrees with ours on every real query of a packed, padded batch."""
     rng = np.random.default_rng(1)
-    q = jnp.asarray(rng.standard_normal((1, 4, 4, 8)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((1, 2, 4, 8)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((1, 2, 4, 8)), jnp.float32)
-    mask = attention_mask(jnp.arange(4), jnp.ones((1, 4), bool))
-    np.testing.assert_allclose(np.asarray(dot_product_attention(q, k, v, mask, impl="jax")),
-                               np.asarray(dot_product_attention(q, k, v, mask, impl="xla")), rtol=1e-5, atol=1e-6)
+    seg = np.array([[1, 1, 1, 2, 2, 3, 0, 0], [4, 4, 4, 4, 4, 5, 5, 0]])
+    q = jnp.asarray(rng.standard_normal((2, 8, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, 2, 8, 8)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((2, 2, 8, 8)), jnp.float32)
+    masking = _packed_masking(seg)
+    got = np.asarray(cudnn_attention(q, k, v, masking.kernel_segments(), implementation="xla"))
+    ref = np.asarray(xla_attention(q, k, v, masking.dense()))
+    real = seg > 0
+    np.testing.assert_allclose(got[real], ref[real], rtol=1e-5, atol=1e-6)
+    assert np.all(np.isfinite(got))
+    # One document per row and no padding: causality alone, no mask at all.
+    plain = Masking.documents(2, 8)
+    assert plain.kernel_segments() is None
+    np.testing.assert_allclose(np.asarray(cudnn_attention(q, k, v, None, implementation="xla")),
+                               np.asarray(xla_attention(q, k, v, plain.dense())), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("valid", [None, [[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]]])
+def test_kernel_segments_see_what_the_dense_mask_sees(valid):
+    """Causal + same kernel segment == the dense mask on every real query; no kernel row is empty (padding sees
+    padding, so a flash kernel never divides by zero)."""
+    seg = np.array([[1, 1, 1, 2, 2, 3, 0, 0], [1, 2, 2, 2, 3, 3, 3, 3]])
+    masking = _packed_masking(seg, valid)
+    dense = np.asarray(masking.dense())[:, 0]
+    ids = np.asarray(masking.kernel_segments())
+    causal = np.tril(np.ones((8, 8), bool))
+    kernel = causal[None] & (ids[:, :, None] == ids[:, None, :])
+    real = (seg > 0) & (np.ones_like(seg, bool) if valid is None else np.asarray(valid, bool))
+    np.testing.assert_array_equal(kernel[real], dense[real])
+    np.testing.assert_array_equal(ids[~real], PADDING_SEGMENT)
+    assert kernel.any(-1).all()
+
+
+def test_masking_of_a_left_padded_prompt_equals_the_old_mask():
+    """``Masking.documents`` with a 2-D attention mask only = causal + key padding, as before segments existed."""
+    valid = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], bool)
+    got = Masking.documents(2, 5, jnp.asarray(valid)).dense()
+    np.testing.assert_array_equal(np.asarray(got), _mask_ref(np.broadcast_to(np.arange(5), (2, 5)), valid))
+
+
+@pytest.mark.parametrize("platform,dtype,expected", [
+    ("tpu", "float32", "splash"), ("tpu", "bfloat16", "splash"), ("gpu", "bfloat16", "cudnn"),
+    ("gpu", "float16", "cudnn"), ("gpu", "float32", "xla"), ("cpu", "bfloat16", "xla")])
+def test_auto_selects_the_backend_kernel(platform, dtype, expected):
+    assert select_kernel("auto", decoding=False, dtype=dtype, platform=platform) == expected
+
+
+@pytest.mark.parametrize("requested", ["auto", "xla", "splash", "cudnn"])
+@pytest.mark.parametrize("platform", ["tpu", "gpu", "cpu"])
+def test_decoding_always_runs_the_xla_kernel(requested, platform):
+    assert select_kernel(requested, decoding=True, dtype="bfloat16", platform=platform) == "xla"
+
+
+def test_explicit_kernels_and_bad_requests():
+    for platform in ("tpu", "gpu", "cpu"):
+        assert select_kernel("xla", decoding=False, dtype="bfloat16", platform=platform) == "xla"
+        # Off TPU splash runs in the Pallas interpreter (tests).
+        assert select_kernel("splash", decoding=False, dtype="float32", platform=platform) == "splash"
+    assert select_kernel("cudnn", decoding=False, dtype="bfloat16", platform="gpu") == "cudnn"
+    with pytest.raises(ValueError, match="attention_impl='cudnn' needs a GPU"):
+        select_kernel("cudnn", decoding=False, dtype="bfloat16", platform="cpu")
+    with pytest.raises(ValueError, match="model.attention_impl='jax'"):
+        select_kernel("jax", decoding=False, dtype="bfloat16", platform="gpu")
+
+
+def test_platform_comes_from_the_mesh_in_context():
+    assert target_platform() == jax.default_backend()
+    with use_mesh(make_mesh({"fsdp": 1}, jax.devices()[:1])):
+        assert target_platform() == jax.devices()[0].platform
+    # No platform given: the one in context decides (here the host's).
+    assert select_kernel("auto", decoding=False, dtype="bfloat16") == (
+        "splash" if jax.default_backend() == "tpu" else
+        "cudnn" if jax.default_backend() == "gpu" else "xla")

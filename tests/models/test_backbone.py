@@ -97,7 +97,8 @@ def test_kv_cache_decode_equals_full_forward(tiny, scan_layers):
         assert_close_rel(h[:, 0], full[:, i], 1e-5, f"decode step {i}")
 
 
-@pytest.mark.parametrize("policy", ["full", "dots"])
+@pytest.mark.parametrize("policy", ["full", "dots", "save_qkv_attention", "offload_qkv_attention",
+                                    "offload_dots_with_no_batch_dims"])
 def test_remat_keeps_loss_and_gradients(tiny, policy):
     cfg, variables = tiny
     rng = np.random.default_rng(3)

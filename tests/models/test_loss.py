@@ -133,3 +133,37 @@ def test_rows_with_their_own_keys_add_up(golden_model):
     assert float(whole) == pytest.approx(float(own), rel=1e-6)
     assert float(whole) == pytest.approx(sum(float(p) for p in parts), rel=1e-5)
     assert float(metrics["image_tokens"]) == 3 * 4 and float(metrics["lm_tokens"]) == float(totals["lm_tokens"])
+
+
+@pytest.mark.parametrize("prefix", ["g1", "g2"])
+def test_image_targets_gathered_per_row_match_every_position(golden_model, load_case, prefix):
+    """The FM head on each row's image targets gathered into ``image_positions`` slots (exactly the most any
+    row holds, or more) gives the loss and gradients of the head on every position, with the golden noise
+    injected and with per-row keys; in several chunks too."""
+    case = load_case("g_train_loss")
+    cfg, variables = golden_model(loss_uses_out_projector=False)
+    inputs = _golden_training_inputs(cfg, case, prefix)
+    ids = np.asarray(inputs[0])
+    most = int(((np.roll(ids, -1, axis=1) == cfg.image_placeholder_id)[:, :-1]).sum(1).max())
+    keys = jax.random.split(jax.random.key(3), ids.shape[0])
+    draws = {"golden": (dict(fm_noise=jnp.asarray(case[f"{prefix}_noise"]), fm_u=jnp.asarray(case[f"{prefix}_u"])),
+                        ((None, 1024), (most, 1024), (most + 3, 3))),
+             "keys": (dict(rng=keys), ((None, 1024), (most, 1024)))}
+    for name, (kwargs, variants) in draws.items():
+        results = {}
+        for slots, chunk in variants:
+            model = NextStep(replace(cfg, loss_chunk_size=chunk))
+
+            def loss_fn(v):
+                return model.apply(v, *inputs, image_positions=slots, method=NextStep.loss, **kwargs)
+
+            with jax.default_matmul_precision("highest"):
+                results[slots, chunk] = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables)
+        (_, full), full_grads = results[None, 1024]
+        if name == "golden":
+            assert_close_rel(full["im_loss"], case[f"{prefix}_im_loss"], 1e-4, "every position im_loss")
+        for key, ((_, metrics), grads) in results.items():
+            for metric in ("loss", "lm_loss", "im_loss", "image_tokens"):
+                assert_close_rel(metrics[metric], full[metric], 1e-6, f"{name} {key} {metric}")
+            for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads)):
+                assert_close_rel(a, b, 1e-5, f"{name} {key} grads")

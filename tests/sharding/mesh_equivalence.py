@@ -50,6 +50,9 @@ def _batch(cfg, rows, length, seed):
             "image_tokens": rng.standard_normal((rows, length, token_dim(cfg))).astype(np.float32)}
 
 
+IMAGE_SLOTS = 6
+
+
 def _full_config(cfg, mesh_shape, microbatches=1):
     import ml_collections
 
@@ -85,7 +88,9 @@ def _run(cfg, params, batch, mesh, microbatches=1):
 
         loss, grads = jax.jit(jax.value_and_grad(loss_fn), out_shardings=(None, shardings))(sharded, sbatch)
         lowered_forward = jax.jit(lambda p, i: model.apply({"params": p}, i)).lower(sharded, sbatch["input_ids"])
-    step = make_train_step(_full_config(cfg, dict(mesh.shape), microbatches), model, optimizer, mesh)
+    # The step's FM head on each row's image targets gathered into IMAGE_SLOTS slots (4 targets, 2 empty).
+    step = make_train_step(_full_config(cfg, dict(mesh.shape), microbatches), model, optimizer, mesh,
+                           image_positions=IMAGE_SLOTS)
     state = init_train_state(cfg, optimizer, mesh, params=sharded)
     lowered_step = step.lower(state, sbatch)
     state, metrics = step(state, sbatch)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import ml_collections
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
@@ -110,3 +111,25 @@ def test_make_mesh_validates_shape():
         make_mesh({"fsdp": 4})
     with pytest.raises(ValueError, match="at most one"):
         make_mesh({"fsdp": -1, "tensor": -1})
+
+
+def test_multi_slice_mesh_puts_data_across_slices():
+    """Devices of 2 slices, interleaved in the device list: ``data`` spans the slices, ``fsdp`` stays inside one."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class SliceDevice:  # what create_hybrid_device_mesh reads of a TPU device
+        id: int
+        slice_index: int
+        platform: str = "cpu"
+        device_kind: str = "cpu"
+        process_index: int = 0
+
+    devices = [SliceDevice(i, i % 2) for i in range(8)]
+    mesh = make_mesh({"data": 2, "fsdp": -1}, devices)
+    slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+    assert mesh.shape["fsdp"] == 4
+    assert (slice_of[0] == slice_of[0].flat[0]).all() and (slice_of[1] == slice_of[1].flat[0]).all()
+    assert slice_of[0].flat[0] != slice_of[1].flat[0]
+    with pytest.raises(ValueError, match="mesh.data=1 must be a multiple of the 2 slices"):
+        make_mesh({"fsdp": -1}, devices)

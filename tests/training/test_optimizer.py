@@ -6,6 +6,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import linen as nn
 
@@ -128,6 +129,38 @@ def test_bfloat16_first_moment():
     tx, _ = make_optimizer(optim, schedule_config(), params, total_steps=10)
     dtypes = {x.dtype for x in jax.tree.leaves(tx.init(params)) if x.ndim}
     assert dtypes == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}
+
+
+def test_bfloat16_second_moment_is_stored_rounded_and_tracks_float32():
+    """nu kept in bfloat16 between steps (updated in float32): three AdamW steps stay within bfloat16 rounding
+    of the float32 optimizer (the update divides by sqrt(nu), which halves nu's relative error)."""
+    params = jax.tree.map(jnp.asarray, _small_tree())
+    rng = np.random.default_rng(4)
+    grads_seq = [jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
+                 for _ in range(3)]
+
+    def run(nu_dtype):
+        optim = optim_config()
+        optim.nu_dtype = nu_dtype
+        schedule = schedule_config()
+        schedule.peak_lr, schedule.warmup_steps = 0.05, 0
+        tx, _ = make_optimizer(optim, schedule, params, total_steps=10)
+        state, p = tx.init(params), params
+        for g in grads_seq:
+            updates, state = tx.update(g, state, p)
+            p = optax.apply_updates(p, updates)
+        return state, p
+
+    state, got = run("bfloat16")
+    nus = [s.nu for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+           if isinstance(s, optax.ScaleByAdamState)]
+    assert nus and {x.dtype for nu in nus for x in jax.tree.leaves(nu)} == {jnp.dtype(jnp.bfloat16)}
+    _, want = run("float32")
+    start, want = _flat(params), _flat(want)
+    for k, a in _flat(got).items():
+        moved_got, moved_want = np.asarray(a) - start[k], np.asarray(want[k]) - start[k]
+        np.testing.assert_allclose(moved_got, moved_want, rtol=4e-3, atol=1e-3 * float(np.abs(moved_want).max()),
+                                   err_msg="/".join(k))
 
 
 def test_unknown_freeze_pattern_is_named():

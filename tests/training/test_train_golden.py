@@ -17,7 +17,8 @@ from golden_inputs import image_loss_mask, image_tokens
 from nextstep_jax.checkpoint.mapping import nextstep_table, tensors_from_params
 from nextstep_jax.models.nextstep import NextStep
 from nextstep_jax.sharding import make_mesh
-from nextstep_jax.train import optimizer_for, train_config
+from nextstep_jax.training.nextstep_task import optimizer_for
+from nextstep_jax.training.run_config import train_config
 from nextstep_jax.training.state import init_train_state
 from nextstep_jax.training.step import make_train_step
 from numerics import assert_close_rel

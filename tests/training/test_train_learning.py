@@ -9,6 +9,8 @@ import numpy as np
 from PIL import Image
 
 from nextstep_jax import configs, train
+from nextstep_jax.training import nextstep_task
+from nextstep_jax.training.run_config import resolve_config
 from nextstep_jax.training.state import init_train_state
 from nextstep_jax.training.step import make_train_step
 from train_runs import REFERENCE, REPO, SMALL, read_metrics, shared_run
@@ -19,8 +21,8 @@ OVERFIT_STEPS = 150
 def test_tiny_config_overfits_one_batch(tmp_path):
     argv = ["--config", str(REPO / "configs" / "tiny.py"), "--workdir", str(tmp_path / "run"), *SMALL,
             "--config.schedule.peak_lr=1e-2", "--config.schedule.warmup_steps=10"]
-    args, overrides = configs.parse_args(train._parser(), argv)
-    run = train.prepare_nextstep(train.resolve_config(args, overrides), args)
+    args, overrides = configs.parse_args(train.parser(), argv)
+    run = nextstep_task.prepare(resolve_config(args, overrides, train.TASKS), args)
     config = run.config
     state = init_train_state(config.model, run.optimizer, run.mesh, seed=config.seed, params=run.initial_params)
     step = make_train_step(config, run.model, run.optimizer, run.mesh, vae=run.vae)
