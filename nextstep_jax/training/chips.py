@@ -1,13 +1,13 @@
 """TPU chips as the planner and the trainer's MFU see them: memory XLA lets one program use (as its
-out-of-memory message states), peak dense bf16 FLOP/s and datasheet HBM bandwidth."""
+out-of-memory message states), and peak dense bf16 FLOP/s."""
 
 from __future__ import annotations
 
 CHIPS = {
-    "v4": {"memory_bytes": int(15.25 * 2**30), "peak_flops": 275e12, "hbm_bytes_per_s": 1228e9},
-    "v5e": {"memory_bytes": int(15.75 * 2**30), "peak_flops": 197e12, "hbm_bytes_per_s": 819e9},
-    "v5p": {"memory_bytes": int(95.74 * 2**30), "peak_flops": 459e12, "hbm_bytes_per_s": 2765e9},
-    "v6e": {"memory_bytes": int(31.25 * 2**30), "peak_flops": 918e12, "hbm_bytes_per_s": 1640e9},
+    "v4": {"memory_bytes": int(15.25 * 2**30), "peak_flops": 275e12},
+    "v5e": {"memory_bytes": int(15.75 * 2**30), "peak_flops": 197e12},
+    "v5p": {"memory_bytes": int(95.74 * 2**30), "peak_flops": 459e12},
+    "v6e": {"memory_bytes": int(31.25 * 2**30), "peak_flops": 918e12},
 }
 
 # jax's device_kind prefixes, most specific first ("TPU v5 lite" is a v5e, "TPU v5" a v5p).

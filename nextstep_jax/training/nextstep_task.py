@@ -12,6 +12,7 @@ and, unless the workdir holds checkpoints to resume from, the initial params (``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -88,8 +89,11 @@ class NextStepTask:
         return self.vae_params if self.pixels else None
 
     def global_batch(self, local: dict) -> dict:
-        sharding = batch_sharding(self.mesh)
-        return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+        return {k: jax.make_array_from_process_local_data(self._batch_sharding, v) for k, v in local.items()}
+
+    @functools.cached_property
+    def _batch_sharding(self):
+        return batch_sharding(self.mesh)
 
     def measure(self, local: dict, seconds: float) -> dict:
         return self.meter.measure(local, self.data.metrics(), seconds)

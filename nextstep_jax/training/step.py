@@ -19,7 +19,6 @@ to go on ("skip") or stop ("stop").
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import jax
@@ -30,8 +29,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nextstep_jax.latents import patchify
 from nextstep_jax.models.nextstep import NextStep, loss_counts
-from nextstep_jax.models.vae import AutoencoderKL, sample_posterior, to_model_latents
+from nextstep_jax.models.vae import AutoencoderKL, downsample_factor, sample_posterior, to_model_latents
 from nextstep_jax.sharding import LOGICAL_AXIS_RULES, batch_sharding, use_mesh, validate_mesh
+from nextstep_jax.training.distributed import say
 from nextstep_jax.training.state import TrainState, abstract_train_state
 
 NONFINITE_MODES = ("skip", "stop")
@@ -80,7 +80,7 @@ def image_tokens_from_pixels(vae: AutoencoderKL, vae_params, images, image_slots
 
 def pixel_image_positions(vae_cfg, images_shape, patch_size: int) -> int:
     """Image tokens a row of a pixel batch ``images_shape`` [B, K, H, W, 3] holds at most: K x tokens per image."""
-    pixels_per_token = 2 ** (len(vae_cfg.ch_mult) - 1) * patch_size
+    pixels_per_token = downsample_factor(vae_cfg) * patch_size
     _, k, h, w, _ = images_shape
     return k * (h // pixels_per_token) * (w // pixels_per_token)
 
@@ -197,8 +197,8 @@ def must_stop(step: int, metrics: dict, options: ml_collections.ConfigDict) -> b
     """True (after saying why on stderr) when this step was non-finite and ``nonfinite`` is "stop"."""
     if not (metrics["nonfinite"] and options.nonfinite == "stop"):
         return False
-    print(f"step {step}: non-finite loss or gradient (loss={metrics['loss']}, grad_norm={metrics['grad_norm']}); "
-          "stopped (train_step.nonfinite='stop') without saving it", file=sys.stderr, flush=True)
+    say(f"step {step}: non-finite loss or gradient (loss={metrics['loss']}, grad_norm={metrics['grad_norm']}); "
+        "stopped (train_step.nonfinite='stop') without saving it")
     return True
 
 

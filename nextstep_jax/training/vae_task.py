@@ -35,6 +35,7 @@ held-out latents, so the model space has zero mean and unit variance.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from pathlib import Path
@@ -497,7 +498,11 @@ class VaeTask:
         return self.perceptual_net
 
     def global_batch(self, local: dict) -> dict:
-        return {"images": jax.make_array_from_process_local_data(batch_sharding(self.layout.mesh), local["images"])}
+        return {"images": jax.make_array_from_process_local_data(self._batch_sharding, local["images"])}
+
+    @functools.cached_property
+    def _batch_sharding(self):
+        return batch_sharding(self.layout.mesh)
 
     def measure(self, local: dict, seconds: float) -> dict:
         return {"step_time": seconds, "images_per_s": self.config.data.batch_size / seconds, **self.data.metrics()}
