@@ -53,6 +53,9 @@ def model_config(**overrides: Any) -> ml_collections.ConfigDict:
             fm_head_batch_mul=4,
             lm_loss_weight=0.01,
             im_loss_weight=1.0,
+            # Training only: std of the Gaussian noise on each input image token, growing linearly from 0 at an
+            # image's first token to this value at its last (raster order); FM targets stay clean.
+            noise_strength=0.0,
             boi=151667,
             eoi=151668,
             image_placeholder_id=151669,
@@ -124,7 +127,8 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
             image_input="pixels",  # "pixels" (the VAE runs in the train step) or "latents" (cached by encode_latents)
             image_size=256,
             multi_aspect=False,  # aspect-ratio buckets; needs image_input="latents"
-            max_images_per_row=None,  # pixel batches: image slots per row (None: as many as fit)
+            # images per row (None: as many as fit); with cached latents it also bounds the FM head's work
+            max_images_per_row=None,
             caption_dropout=0.3,
             edit_dropout=0.2,
             document_masking=True,  # False = the official unmasked stream, for comparisons

@@ -25,17 +25,18 @@ PER_STEP = ("step", "loss", "lm_loss", "im_loss", "grad_norm", "lr", "tokens_per
 
 ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                 "head_dim", "rope_theta", "latent_channels", "latent_patch_size", "fm_head_dim", "fm_head_layers",
-                "fm_head_batch_mul", "lm_loss_weight", "im_loss_weight", "boi", "eoi", "image_placeholder_id",
-                "pad_token_id")
+                "fm_head_batch_mul", "lm_loss_weight", "im_loss_weight", "noise_strength", "boi", "eoi",
+                "image_placeholder_id", "pad_token_id")
 
 
 def test_a_run_writes_its_workdir_and_exports(tmp_path):
     workdir = tmp_path / "run"
     args = ("--config.total_steps=2", "--config.checkpoint.every_steps=1", "--config.eval.every_steps=2",
-            "--config.profile.start_step=2", "--config.profile.num_steps=1")
+            "--config.profile.start_step=2", "--config.profile.num_steps=1", "--config.model.noise_strength=0.25")
     proc = run_train(workdir, *args)
     config = json.loads((workdir / "config.json").read_text())
     assert config["total_steps"] == 2 and config["data"]["seq_len"] == 96 and config["task"] == "nextstep"
+    assert config["model"]["noise_strength"] == 0.25
     assert checkpoint_steps(workdir) == [1, 2]
     metrics = read_metrics(workdir)
     assert sorted(metrics) == [1, 2]

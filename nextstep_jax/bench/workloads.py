@@ -45,17 +45,24 @@ GENERATION_LAYOUT = "unrolled_fused"
 
 def _timed(fn, warmup: int, repeats: int) -> tuple[float, float]:
     """(first call seconds, median seconds of ``repeats`` calls after ``warmup`` calls in total)."""
+    return _timed_with_cpu(fn, warmup, repeats)[:2]
+
+
+def _timed_with_cpu(fn, warmup: int, repeats: int) -> tuple[float, float, float]:
+    """``_timed`` and the median CPU seconds of the process per call (all threads; a call that waits for a
+    CPU the host gives to other jobs does not accumulate them)."""
     start = time.perf_counter()
     jax.block_until_ready(fn())
     first = time.perf_counter() - start
     for _ in range(warmup - 1):
         jax.block_until_ready(fn())
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
+        cpu.append(time.process_time() - cpu_start)
+    return first, statistics.median(times), statistics.median(cpu)
 
 
 def _best(fn, runs: int) -> float:
@@ -303,7 +310,7 @@ def train(config: dict, machine: dict) -> dict:
                            rng=row_keys, totals=totals, image_positions=t["image_tokens"], method=NextStep.loss)
 
     fwd_bwd_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
-    fb_first, fwd_bwd = _timed(lambda: fwd_bwd_fn(params), config["warmup"], config["repeats"])
+    fb_first, fwd_bwd, fwd_bwd_cpu = _timed_with_cpu(lambda: fwd_bwd_fn(params), config["warmup"], config["repeats"])
     grads = fwd_bwd_fn(params)[1]
 
     optim, schedule = optim_config(), schedule_config()
@@ -344,6 +351,7 @@ def train(config: dict, machine: dict) -> dict:
             "fwd_bwd_gflops": fb_gflops, "step_gflops": step_gflops,
             "adamw_median_s": adamw, "adamw_fraction_of_step": adamw / step,
             "step_minus_fwd_bwd_fraction": (step - fwd_bwd) / step,
+            "fwd_bwd_cpu_median_s": fwd_bwd_cpu, "fwd_bwd_cpu_utilisation": fwd_bwd_cpu / fwd_bwd,
             "fwd_bwd_compile_s": fb_first - fwd_bwd, "compile_s": step_first - step,
             "matmul_train_shape_gflops": train_shape,
             "fwd_bwd_fraction_of_train_shape_matmul": fb_gflops / train_shape,

@@ -43,6 +43,7 @@ STAT_KEYS = ("documents", "tokens", "truncated") + tuple(f"skipped/{r}" for r in
 @dataclasses.dataclass(frozen=True)
 class TokenImages:
     token_dim: int
+    max_images: int | None = None  # images per row (None: as many as fit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +130,7 @@ class PackedBatchIterator(grain.DatasetIterator):
         for b, row in enumerate(rows):
             if used[b] + len(doc) > opts.seq_len:
                 continue
-            if isinstance(opts.images, PixelImages):
+            if opts.images.max_images is not None:
                 if sum(len(d.images) for d in row) + len(doc.images) > opts.images.max_images:
                     continue
             row.append(doc)

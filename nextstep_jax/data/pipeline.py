@@ -149,6 +149,14 @@ def image_slots(config: DataConfig) -> int:
     return max(1, config.seq_len // (side * side + 3))  # an image block is h·w + >= 3 tokens
 
 
+def image_targets_per_row(config: DataConfig) -> int | None:
+    """A bound on the image tokens of any row of a token batch (the flow-matching targets the train step gathers),
+    when ``max_images_per_row`` caps the images per row; None otherwise (pixel batches bound themselves)."""
+    if config.image_input != "latents" or config.max_images_per_row is None:
+        return None
+    return config.max_images_per_row * max(h * w for h, w in bucket_grids(config.image_size, config.multi_aspect))
+
+
 def batch_spec(config: DataConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shapes and dtypes of every batch array (e.g. to trace the train step before data exists)."""
     bt = (config.batch_size, config.seq_len)
@@ -177,7 +185,7 @@ def make_documents(config: DataConfig, datasets: Sequence[DatasetSpec], tokenize
         seq_len=config.seq_len,
         caption_dropout=config.caption_dropout,
         edit_dropout=config.edit_dropout,
-        max_images=image_slots(config) if config.image_input == "pixels" else None,
+        max_images=image_slots(config) if config.image_input == "pixels" else config.max_images_per_row,
         max_pixels=config.max_pixels,
         patch_size=config.patch_size,
         latent_channels=config.latent_channels,
@@ -199,7 +207,7 @@ def make_dataset(config: DataConfig, datasets: Sequence[DatasetSpec], tokenizer)
     """The Grain dataset of packed batches (each with a ``stats`` dict; DataIterator strips it)."""
     docs = make_documents(config, datasets, tokenizer)
     if config.image_input == "latents":
-        layout = TokenImages(config.latent_channels * config.patch_size**2)
+        layout = TokenImages(config.latent_channels * config.patch_size**2, config.max_images_per_row)
     else:
         layout = PixelImages(image_slots(config), config.image_size, config.image_size, PIXELS_PER_TOKEN)
     batches = PackedBatches(docs, PackingOptions(

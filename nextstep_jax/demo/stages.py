@@ -101,8 +101,12 @@ def tokenizer_done(demo: Demo) -> bool:
 
 
 def train_vae(demo: Demo) -> dict:
+    from nextstep_jax.configs import load_config_file
+
     b = demo.budget
-    overrides = [f"seed={demo.seed}", f"data.seed={demo.seed}", f"data.image_size={b.image_size}", *b.vae]
+    channels = load_config_file(NEXTSTEP_CONFIG).model.latent_channels  # the demo's NextStep decides the latent
+    overrides = [f"seed={demo.seed}", f"data.seed={demo.seed}", f"data.image_size={b.image_size}",
+                 f"vae.z_channels={channels}", *b.vae]
     return _train(demo, VAE_CONFIG, demo.vae_workdir, demo.vae, overrides)
 
 

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from nextstep_jax.models.layers import sequence_is_split
+
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 KERNELS = ("auto", "xla", "splash", "cudnn")
 PADDING_SEGMENT = -1  # kernel segment id of padding slots: padding attends to padding only
@@ -115,16 +117,29 @@ def select_kernel(requested: str, *, decoding: bool, dtype, platform: str | None
 
 def xla_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
     """q [B, T, H, D], k/v [B, KV, S, D] (GQA: kv head j serves query heads j*G .. j*G+G-1),
-    mask [B, 1, T, S] bool -> [B, T, H, D]. Scores and softmax in float32."""
+    mask [B, 1, T, S] bool -> [B, T, H, D]. Scores and softmax in float32.
+
+    Laid out for XLA's batched matmuls: the queries of one kv head as one [G·T, D] block (G, T kept apart
+    when the mesh splits the length), so the scores are [B, KV, G·T, S] and no matmul transposes them; only
+    q and the output, S/D times smaller, are transposed. The probabilities are recomputed in the backward
+    pass rather than kept, as the flash kernels do: a layer saves q, k, v instead of B·H·T·S floats (under
+    a layer scan, a stack of them filled afresh every step, which cost more than the recomputed scores)."""
     b, t, h, d = q.shape
-    kv = k.shape[1]
-    qg = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) / jnp.sqrt(
-        jnp.float32(d))
-    scores = jnp.where(mask[:, :, None], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
+    kv, s = k.shape[1], k.shape[2]
+    g = h // kv
+    qh = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)  # [B, KV, G, T, D]
+    if not sequence_is_split():
+        qh = qh.reshape(b, kv, g * t, d)
+
+    def attend_heads_major(qh, k, v, mask):
+        scores = jnp.einsum("bk...d,bksd->bk...s", qh, k, preferred_element_type=jnp.float32) / jnp.sqrt(
+            jnp.float32(d))
+        mask = jnp.broadcast_to(mask[:, :, None], (b, 1, g, t, s)).reshape(b, 1, *qh.shape[2:-1], s)
+        probs = jax.nn.softmax(jnp.where(mask, scores, MASK_VALUE), axis=-1).astype(v.dtype)
+        return jnp.einsum("bk...s,bksd->bk...d", probs, v)
+
+    out = jax.checkpoint(attend_heads_major)(qh, k, v, mask)
+    return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 def kernel_inputs(masking: Masking, kernel: str):

@@ -3,13 +3,14 @@ helpers."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from nextstep_jax.sharding import constrain
+from nextstep_jax.sharding import constrain, logical_to_mesh_spec
 
 Dtype = Any
 
@@ -26,6 +27,19 @@ def normal_init(stddev: float = 0.02):
     return nn.initializers.normal(stddev)
 
 
+def sequence_is_split() -> bool:
+    """Whether the mesh in context splits activations along their length (sequence parallelism). Then the
+    rows of a device in a [batch·length, ...] reshape are not one contiguous block and GSPMD would gather
+    them, so the layers that merge the length with another axis keep it separate instead."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = nn.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return False
+    axes = logical_to_mesh_spec(("activation_length",), rules)[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes) > 1
+
+
 class Projection(nn.Module):
     """``x [..., *in_shape] -> [..., *features]`` contracting the last ``len(in_shape)`` axes of x.
 
@@ -33,6 +47,11 @@ class Projection(nn.Module):
     (``names``; the bias takes the names of ``features``). ``nn.DenseGeneral`` initialises a flattened
     2-D kernel instead, which a live rank-3 sharding constraint rejects. Same values as DenseGeneral for
     the same key (the normal initialiser fills row-major either way) and the same param names.
+
+    The product runs as one 2-D matmul, [rows, in] x [in, out], unless the length axis is split
+    (``sequence_is_split``): the weight gradient then contracts one row axis, while with several (batch,
+    length) XLA CPU first writes the output gradient transposed, a strided copy that took a quarter of the
+    training step.
     """
 
     features: tuple[int, ...]
@@ -47,9 +66,14 @@ class Projection(nn.Module):
         in_shape = x.shape[-self.in_axes:]
         kernel = self.param("kernel", partitioned(normal_init(), self.names), (*in_shape, *self.features),
                             self.param_dtype)
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                                ((tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes))),
-                                 ((), ())))
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        rows = x.shape[:-self.in_axes]
+        if len(rows) > 1 and not sequence_is_split():
+            fan_in = math.prod(in_shape)
+            y = jnp.dot(x.reshape(-1, fan_in), kernel.reshape(fan_in, -1)).reshape(*rows, *self.features)
+        else:
+            y = jax.lax.dot_general(x, kernel, ((tuple(range(len(rows), x.ndim)), tuple(range(self.in_axes))),
+                                                ((), ())))
         if self.use_bias:
             bias = self.param("bias", partitioned(nn.initializers.zeros, self.names[self.in_axes:]),
                               self.features, self.param_dtype)

@@ -15,10 +15,11 @@ from flax import linen as nn
 from nextstep_jax.models.attention import Masking
 from nextstep_jax.models.backbone import Backbone
 from nextstep_jax.models.fm_head import SimpleMLPAdaLN, flow_matching_errors
-from nextstep_jax.models.layers import as_dtype, normal_init, partitioned
+from nextstep_jax.models.layers import Projection, as_dtype, normal_init, partitioned
 from nextstep_jax.sharding import LOGICAL_AXIS_RULES, constrain, shardings_of, use_mesh
 
 IGNORE_INDEX = -100
+_INPUT_NOISE_STREAM = 1  # fold_in constant of a row key for its input-token noise
 
 
 def token_dim(cfg) -> int:
@@ -45,9 +46,7 @@ class NextStep(nn.Module):
         self.backbone = Backbone(cfg)
 
         def dense(features, names, bias=True):
-            return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
-                            kernel_init=partitioned(normal_init(), names),
-                            bias_init=partitioned(nn.initializers.zeros, names[1:]))
+            return Projection((features,), names, use_bias=bias, dtype=dtype)
 
         self.image_in_projector = dense(cfg.hidden_size, ("token", "embed"))
         self.image_out_projector = dense(cfg.hidden_size, ("embed", "projector"))
@@ -141,7 +140,12 @@ class NextStep(nn.Module):
         microbatch losses add up to the loss of the whole batch.
         """
         cfg = self.cfg
-        hidden = self(input_ids, image_tokens, attention_mask_2d, segment_ids, positions)
+        inputs = image_tokens
+        if image_tokens is not None and cfg.noise_strength > 0:
+            if rng is None:
+                raise ValueError(f"noise_strength={cfg.noise_strength} needs `rng` for the input-token noise")
+            inputs = _noised_inputs(cfg, input_ids, image_tokens, rng)
+        hidden = self(input_ids, inputs, attention_mask_2d, segment_ids, positions)
         pairs = _loss_pairs(cfg, input_ids, labels, image_loss_mask, attention_mask_2d, segment_ids)
         lm = {"hidden": hidden, "target": pairs["lm_target"], "weight": pairs["lm_weight"]}
         sums = {"lm": _chunked_sum(self, _lm_chunk, lm, cfg.loss_chunk_size), "fm": jnp.float32(0.0)}
@@ -224,6 +228,30 @@ def _fm_inputs(cfg, image_tokens, pairs, rng, fm_noise, fm_u) -> dict:
     return {"x1": constrain(_next(image_tokens.astype(jnp.float32), 0.0), (*_ACT, None)),
             "weight": constrain(weight, _ACT), "noise": constrain(noise, (*_ACT, None, None)),
             "u": constrain(u, (*_ACT, None))}
+
+
+def image_token_noise_std(cfg, input_ids: jnp.ndarray) -> jnp.ndarray:
+    """[B, T] std of the training input noise at each placeholder (0 elsewhere): ``noise_strength`` x k / (n - 1)
+    for the k-th of an image's n tokens (raster order), an image being the placeholders between a BOI and the
+    next EOI. The official trainer grows the std over the latent pixels; per token is the same ramp at patch
+    granularity (the p x p latent pixels of one token share a value)."""
+    is_ph = input_ids == cfg.image_placeholder_id
+    count = jnp.cumsum(is_ph, axis=1)
+    before = jax.lax.cummax(jnp.where(input_ids == cfg.boi, count, 0), axis=1)
+    big = jnp.iinfo(count.dtype).max
+    end = jax.lax.cummin(jnp.where(input_ids == cfg.eoi, count, big), axis=1, reverse=True)
+    end = jnp.where(end == big, count[:, -1:], end)  # an image cut by the row's end: its tokens so far
+    index, n = count - before - 1, end - before
+    std = cfg.noise_strength * index / jnp.maximum(n - 1, 1)
+    return jnp.where(is_ph, std, 0.0).astype(jnp.float32)
+
+
+def _noised_inputs(cfg, input_ids, image_tokens, rng) -> jnp.ndarray:
+    """The input image tokens with that noise; each row draws from its own key (folded off its FM key)."""
+    std = image_token_noise_std(cfg, input_ids)
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, _INPUT_NOISE_STREAM))(_row_keys(rng, input_ids.shape[0]))
+    noise = jax.vmap(lambda k: jax.random.normal(k, image_tokens.shape[1:], jnp.float32))(keys)
+    return (image_tokens.astype(jnp.float32) + std[..., None] * noise).astype(image_tokens.dtype)
 
 
 def _row_keys(rng: jax.Array, rows: int) -> jax.Array:

@@ -39,7 +39,8 @@ COMMON_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "inte
                  "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim", "rope_theta": "rope_theta",
                  "rms_norm_eps": "rms_norm_eps", "attention_bias": "attention_bias",
                  "o_attention_bias": "o_attention_bias", "mlp_bias": "mlp_bias",
-                 "tie_word_embeddings": "tie_word_embeddings", "lm_loss_weight": "lm_loss_weight", "boi": "boi",
+                 "tie_word_embeddings": "tie_word_embeddings", "lm_loss_weight": "lm_loss_weight",
+                 "noise_strength": "noise_strength", "boi": "boi",
                  "eoi": "eoi", "image_placeholder_id": "image_placeholder_id", "pad_token_id": "pad_token_id_added",
                  "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id"}
 SCHEMA_FIELDS = {

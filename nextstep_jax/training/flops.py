@@ -54,7 +54,8 @@ def forward_flops(model_cfg, seq_len: int) -> dict[str, float]:
 def train_step_flops(model_cfg, batch_size: int, seq_len: int, with_images: bool = True,
                      image_targets: float | None = None, image_positions: int | None = None) -> dict[str, float]:
     """``model`` (useful) and ``hardware`` (run) FLOPs of one step over ``batch_size`` rows of ``seq_len``
-    tokens; ``image_targets`` and ``image_positions`` are per row (see the module docstring)."""
+    tokens; ``image_targets`` and ``image_positions`` are per row (see the module docstring). An array of
+    ``image_targets`` gives an array of counts, one per entry."""
     part = forward_flops(model_cfg, seq_len)
     image_positions = seq_len if image_positions is None else min(image_positions, seq_len)
     if not with_images:

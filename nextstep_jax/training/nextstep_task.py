@@ -24,7 +24,7 @@ from flax import linen as nn
 
 from nextstep_jax import configs
 from nextstep_jax.checkpoint import load_vae, release_files
-from nextstep_jax.data.pipeline import DataConfig, dataset_specs, make_iterator
+from nextstep_jax.data.pipeline import DataConfig, dataset_specs, image_targets_per_row, make_iterator
 from nextstep_jax.data.tokenizer import load_tokenizer
 from nextstep_jax.models.nextstep import NextStep, abstract_variables
 from nextstep_jax.models.vae import AutoencoderKL
@@ -83,7 +83,8 @@ class NextStepTask:
 
     def train_step(self):
         return make_train_step(self.config, self.model, self.optimizer, self.mesh,
-                               vae=self.vae if self.pixels else None)
+                               vae=self.vae if self.pixels else None,
+                               image_positions=image_targets_per_row(self.data_config))
 
     def step_extra(self):
         return self.vae_params if self.pixels else None

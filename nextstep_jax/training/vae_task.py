@@ -139,7 +139,6 @@ def check_vae_config(config: ml_collections.ConfigDict) -> None:
          "NextStep model")
     for name in ("num_images", "batch_size", "grid_images"):
         need(isinstance(e[name], int) and e[name] >= 1, f"eval.{name}", e[name], "must be an integer >= 1")
-    need(isinstance(e.every_steps, int) and e.every_steps >= 0, "eval.every_steps", e.every_steps, "must be >= 0")
     need(e.grid_images <= e.num_images, "eval.grid_images", e.grid_images, "must be <= eval.num_images")
     f = 2 ** (len(config.vae.ch_mult) - 1) * config.vae.psz
     need(config.data.image_size % f == 0, "data.image_size", config.data.image_size,

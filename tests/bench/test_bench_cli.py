@@ -77,4 +77,6 @@ def test_train_report_is_consistent():
     assert result["adamw_fraction_of_step"] == pytest.approx(result["adamw_median_s"] / step)
     assert result["fwd_bwd_fraction_of_train_shape_matmul"] == pytest.approx(
         flops / fwd_bwd / 1e9 / result["matmul_train_shape_gflops"])
+    assert result["fwd_bwd_cpu_median_s"] > 0
+    assert result["fwd_bwd_cpu_utilisation"] == pytest.approx(result["fwd_bwd_cpu_median_s"] / fwd_bwd)
     assert result["last_step_loss"] > 0

@@ -78,6 +78,18 @@ def _patch_means(image: np.ndarray, p: int = 16) -> np.ndarray:
     return image.reshape(h // p, p, w // p, p, c).mean(axis=(1, 3)).reshape(-1, c)
 
 
+def test_token_rows_hold_at_most_max_images(tokenizer):
+    rng = np.random.default_rng(3)
+    docs = [_image_doc(tokenizer, str(i), "a red circle", [(2, 2)], [True], rng) for i in range(5)]
+    sp = tokenizer.special
+    opts = PackingOptions(batch_size=1, seq_len=256, pad_id=sp.pad, placeholder_id=sp.placeholder,
+                          images=TokenImages(4, max_images=2))
+    batches = list(PackedBatches(grain.MapDataset.source(docs).to_iter_dataset(), opts))
+    assert [b["stats"]["documents"] for b in batches] == [2, 2, 1]  # every row has room for all five
+    for batch in batches:
+        assert (batch["input_ids"] == sp.placeholder).sum() == 4 * batch["stats"]["documents"]
+
+
 def test_pixel_slots_gather_each_documents_tokens(tokenizer):
     rng = np.random.default_rng(1)
     sp = tokenizer.special

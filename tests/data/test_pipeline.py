@@ -10,7 +10,7 @@ from grain.checkpoint import CheckpointHandler
 
 from nextstep_jax.configs import data_config, model_config, vae_config
 from nextstep_jax.data.pipeline import (DataConfig, DatasetSpec, batch_spec, dataset_specs, image_slots,
-                                        make_documents, make_iterator)
+                                        image_targets_per_row, make_documents, make_iterator)
 from nextstep_jax.data.records import FORMAT, RecordWriter, encode_record
 from nextstep_jax.data.samples import SKIP_REASONS, EncodedImage, Sample
 from nextstep_jax.data.scorer import score
@@ -165,6 +165,12 @@ def test_default_image_slots_never_bind():
     # A 64 px image is 16 placeholders + >= 3 block tokens (plus its area digits), so 256 // 19 bounds a row.
     assert image_slots(DataConfig(seq_len=256, image_size=64)) == 13
     assert image_slots(DataConfig(seq_len=256, image_size=64, max_images_per_row=2)) == 2
+
+
+def test_image_targets_per_row_bounds_token_batches():
+    assert image_targets_per_row(DataConfig(image_input="latents", image_size=64, max_images_per_row=3)) == 3 * 16
+    assert image_targets_per_row(DataConfig(image_input="latents", image_size=64)) is None
+    assert image_targets_per_row(DataConfig(image_size=64, max_images_per_row=3)) is None  # pixels bound themselves
 
 
 def test_configuration_errors(tokenizer):

@@ -156,3 +156,35 @@ def test_platform_comes_from_the_mesh_in_context():
     assert select_kernel("auto", decoding=False, dtype="bfloat16") == (
         "splash" if jax.default_backend() == "tpu" else
         "cudnn" if jax.default_backend() == "gpu" else "xla")
+
+
+@pytest.mark.parametrize("length_split", [False, True])
+def test_gqa_attention_gradients_match_float64(monkeypatch, length_split):
+    """The recomputed-probability backward pass (queries heads-major as one [G·T, D] block, or [G, T] kept
+    apart when the mesh splits the length) against the closed-form gradients in float64."""
+    from nextstep_jax.models import attention
+
+    monkeypatch.setattr(attention, "sequence_is_split", lambda: length_split)
+    rng = np.random.default_rng(5)
+    b, t, h, kv, d = 2, 5, 6, 2, 8
+    q = rng.standard_normal((b, t, h, d)).astype(np.float32)
+    k = rng.standard_normal((b, kv, t, d)).astype(np.float32)
+    v = rng.standard_normal((b, kv, t, d)).astype(np.float32)
+    w = rng.standard_normal((b, t, h, d)).astype(np.float32)
+    valid = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 1]], bool)
+    mask = np.asarray(attention_mask(jnp.arange(t), jnp.asarray(valid)))
+    grads = jax.grad(lambda q, k, v: jnp.sum(xla_attention(q, k, v, jnp.asarray(mask)) * w), argnums=(0, 1, 2))(
+        jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+    # float64: expand kv heads to query heads, then the softmax backward in closed form.
+    rep = lambda x: np.repeat(x.astype(np.float64), h // kv, axis=1)  # [B, H, T, D]
+    qh, kh, vh = q.astype(np.float64).transpose(0, 2, 1, 3), rep(k), rep(v)
+    scores = np.where(mask, qh @ kh.transpose(0, 1, 3, 2) / np.sqrt(d), np.finfo(np.float32).min)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    dout = w.astype(np.float64).transpose(0, 2, 1, 3)
+    dp = dout @ vh.transpose(0, 1, 3, 2)
+    ds = p * (dp - np.sum(dp * p, -1, keepdims=True)) / np.sqrt(d)
+    group = lambda x: x.reshape(b, kv, h // kv, t, d).sum(2)
+    ref = ((ds @ kh).transpose(0, 2, 1, 3), group(ds.transpose(0, 1, 3, 2) @ qh), group(p.transpose(0, 1, 3, 2) @ dout))
+    for got, want in zip(grads, ref):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)

@@ -110,3 +110,27 @@ def test_projection_matches_dense_general_and_keeps_its_rank_under_a_mesh():
     ref2 = nn.DenseGeneral(6, axis=(-2, -1), use_bias=False, kernel_init=nn.initializers.normal(0.02))
     np.testing.assert_allclose(out.apply(nn.unbox(v), x.reshape(2, 5, 2, 4)),
                                ref2.apply(nn.unbox(v), x.reshape(2, 5, 2, 4)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("length_split", [False, True])
+def test_projection_gradients_match_float64(monkeypatch, length_split):
+    """Both forms of the product (one 2-D matmul over merged rows; [B, T, ...] kept when the mesh splits the
+    length) give float64 numpy's output and gradients, here for o_proj's two contracted axes."""
+    from nextstep_jax.models import layers
+
+    monkeypatch.setattr(layers, "sequence_is_split", lambda: length_split)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 5, 3, 4)).astype(np.float32)
+    kernel = rng.standard_normal((3, 4, 6)).astype(np.float32)
+    bias = rng.standard_normal(6).astype(np.float32)
+    g = rng.standard_normal((2, 5, 6)).astype(np.float32)
+    proj = layers.Projection((6,), ("heads", "head_dim", "embed"), in_axes=2, use_bias=True)
+    loss = lambda p, x: jnp.sum(proj.apply({"params": p}, x) * g)
+    params = {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}
+    y = proj.apply({"params": params}, jnp.asarray(x))
+    (dp, dx) = jax.grad(loss, argnums=(0, 1))(params, jnp.asarray(x))
+    x64, k64, g64 = x.astype(np.float64), kernel.astype(np.float64), g.astype(np.float64)
+    np.testing.assert_allclose(y, np.einsum("btij,ijo->bto", x64, k64) + bias, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dp["kernel"], np.einsum("btij,bto->ijo", x64, g64), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dp["bias"], g64.sum((0, 1)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, np.einsum("bto,ijo->btij", g64, k64), rtol=1e-5, atol=1e-5)

@@ -167,3 +167,51 @@ def test_image_targets_gathered_per_row_match_every_position(golden_model, load_
                 assert_close_rel(metrics[metric], full[metric], 1e-6, f"{name} {key} {metric}")
             for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads)):
                 assert_close_rel(a, b, 1e-5, f"{name} {key} grads")
+
+
+def _ramp_reference(cfg, ids: np.ndarray) -> np.ndarray:
+    """float64 walk: an image's placeholders (between BOI and the next EOI or the row's end) get
+    linspace(0, noise_strength, n)."""
+    std = np.zeros(ids.shape)
+    for b, row in enumerate(ids):
+        image = []
+        for i, tok in enumerate(list(row) + [cfg.boi]):  # a sentinel BOI closes an image cut by the row's end
+            if tok in (cfg.boi, cfg.eoi) and image:
+                std[b, image] = np.linspace(0.0, cfg.noise_strength, len(image)) if len(image) > 1 else 0.0
+                image = []
+            elif tok == cfg.image_placeholder_id:
+                image.append(i)
+    return std
+
+
+def test_input_noise_ramps_over_each_image_and_spares_the_targets(golden_model, load_case):
+    """``noise_strength``: the model reads each input image token plus N(0, std²) with std ramping from 0 to
+    noise_strength over its image (the float64 walk above), drawn from the row's key folded with 1, while the
+    flow-matching targets stay the clean tokens: the same losses as a model fed those noised inputs by hand."""
+    case, prefix = load_case("g_train_loss"), "g1"
+    cfg, variables = golden_model()
+    cfg = replace(cfg, noise_strength=0.7)
+    ids, labels, tokens, mask = _golden_training_inputs(cfg, case, prefix)
+    keys = jax.random.split(jax.random.key(5), ids.shape[0])
+    std = _ramp_reference(cfg, np.asarray(ids))
+    assert std.max() == pytest.approx(0.7) and (std[np.asarray(ids) != cfg.image_placeholder_id] == 0).all()
+    draws = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(k, 1), tokens.shape[1:])) for k in keys])
+    noised = jnp.asarray(np.asarray(tokens, np.float64) + std[..., None] * draws, jnp.float32)
+
+    class FedByHand(NextStep):
+        def __call__(self, input_ids, image_tokens=None, *args, **kwargs):
+            return super().__call__(input_ids, noised, *args, **kwargs)
+
+    def losses(model):
+        return jax.jit(lambda v: model.apply(v, ids, labels, tokens, mask, rng=keys, method=NextStep.loss)[1])(
+            variables)
+
+    with jax.default_matmul_precision("highest"):
+        got, want = losses(NextStep(cfg)), losses(FedByHand(replace(cfg, noise_strength=0.0)))
+        clean = losses(NextStep(replace(cfg, noise_strength=0.0)))
+    for metric in ("loss", "lm_loss", "im_loss"):
+        assert_close_rel(got[metric], want[metric], 1e-6, metric)
+    assert abs(float(got["im_loss"]) - float(clean["im_loss"])) > 1e-4  # the noise does reach the model
+    with pytest.raises(ValueError, match="noise_strength=0.7 needs `rng`"):
+        NextStep(cfg).apply(variables, ids, labels, tokens, mask, fm_noise=jnp.asarray(case[f"{prefix}_noise"]),
+                            fm_u=jnp.asarray(case[f"{prefix}_u"]), method=NextStep.loss)

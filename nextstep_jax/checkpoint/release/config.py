@@ -84,6 +84,7 @@ def model_config_from_release(release: dict | str | Path) -> ml_collections.Conf
             fm_head_batch_mul=int(_first(release, "fm_head_batch_mul", "genloss_batch_mul")),
             lm_loss_weight=float(release.get("lm_loss_weight", 0.01)),
             im_loss_weight=float(_first(release, "im_loss_weight", "image_loss_weight", default=1.0)),
+            noise_strength=float(release.get("noise_strength", 0.0)),
             boi=int(release["boi"]),
             eoi=int(release["eoi"]),
             image_placeholder_id=int(release["image_placeholder_id"]),
