@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from nextstep_jax.data.buckets import PIXELS_PER_TOKEN
 from nextstep_jax.data.scorer import evaluate
 from nextstep_jax.data.shapes import parse_caption
 from nextstep_jax.demo.budget import MINIATURE
@@ -140,3 +141,21 @@ def test_an_interrupted_demo_resumes_to_the_same_report(finished, tmp_path):
 def test_a_folder_of_other_settings_is_refused(finished):
     proc = _run(finished, "--seed", "1", expect=2)
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --out {finished}: made with other settings")
+
+
+def test_drift_probe_with_every_token_given_scores_the_ceiling(finished):
+    """``scripts/drift_probe.py``: with all image tokens the VAE's own, nothing is drawn and the images are the
+    VAE's reconstructions, so the score is the report's ceiling for the same prompts; the other measurements are
+    scores too."""
+    demo = Demo(finished, MINIATURE)
+    report = json.loads((finished / "report.json").read_text())
+    proc = subprocess.run([sys.executable, "scripts/drift_probe.py", "--model", str(finished / "model"),
+                           "--prompts", str(demo.num_prompts("eval")), "--given", "0,1000", "--teacher-forced"],
+                          cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [line.get("given") for line in lines] == [0, 1000, None] and lines[2]["teacher_forced"]
+    tokens = lines[0]["drawn"]
+    assert tokens == (MINIATURE.image_size // PIXELS_PER_TOKEN) ** 2 and lines[1]["drawn"] == 0
+    assert lines[1]["mini_geneval"] == pytest.approx(report["ceiling"]["eval"]["overall"], abs=1e-4)
+    assert all(0.0 <= line["mini_geneval"] <= 1.0 for line in lines)
