@@ -230,7 +230,7 @@ def _fm_inputs(cfg, image_tokens, pairs, rng, fm_noise, fm_u) -> dict:
             "u": constrain(u, (*_ACT, None))}
 
 
-def image_token_noise_std(cfg, input_ids: jnp.ndarray) -> jnp.ndarray:
+def _image_token_noise_std(cfg, input_ids: jnp.ndarray) -> jnp.ndarray:
     """[B, T] std of the training input noise at each placeholder (0 elsewhere): ``noise_strength`` x k / (n - 1)
     for the k-th of an image's n tokens (raster order), an image being the placeholders between a BOI and the
     next EOI. The official trainer grows the std over the latent pixels; per token is the same ramp at patch
@@ -248,7 +248,7 @@ def image_token_noise_std(cfg, input_ids: jnp.ndarray) -> jnp.ndarray:
 
 def _noised_inputs(cfg, input_ids, image_tokens, rng) -> jnp.ndarray:
     """The input image tokens with that noise; each row draws from its own key (folded off its FM key)."""
-    std = image_token_noise_std(cfg, input_ids)
+    std = _image_token_noise_std(cfg, input_ids)
     keys = jax.vmap(lambda k: jax.random.fold_in(k, _INPUT_NOISE_STREAM))(_row_keys(rng, input_ids.shape[0]))
     noise = jax.vmap(lambda k: jax.random.normal(k, image_tokens.shape[1:], jnp.float32))(keys)
     return (image_tokens.astype(jnp.float32) + std[..., None] * noise).astype(image_tokens.dtype)
