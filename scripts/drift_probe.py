@@ -26,6 +26,7 @@ from nextstep_jax.data.images import normalize
 from nextstep_jax.data.image_pipeline import held_out_images
 from nextstep_jax.data.pipeline import SHAPES, DatasetSpec
 from nextstep_jax.data.scorer import evaluate
+from nextstep_jax.encode_latents import vae_encode_fn
 from nextstep_jax.generation.generator import uint8_from_pixels
 from nextstep_jax.generation.prompts import PromptBuilder, PromptTokenizer
 from nextstep_jax.generation.settings import SamplingSettings, read_stored_settings
@@ -33,7 +34,7 @@ from nextstep_jax.latents import normalize_tokens, patchify, unpatchify
 from nextstep_jax.models.fm_head import head_module
 from nextstep_jax.models.fm_sampler import sample_head
 from nextstep_jax.models.nextstep import NextStep
-from nextstep_jax.models.vae import AutoencoderKL, from_model_latents, sample_posterior, to_model_latents
+from nextstep_jax.models.vae import AutoencoderKL, from_model_latents
 
 
 def main(argv=None) -> None:
@@ -55,9 +56,8 @@ def main(argv=None) -> None:
     rows = PromptBuilder(PromptTokenizer(release_files(args.model)), model_cfg, vae_cfg).rows(captions, settings)
     model, vae = NextStep(model_cfg), AutoencoderKL(vae_cfg)
 
-    mean, logvar = vae.apply({"params": vae_params}, jnp.asarray(normalize(images)), method=AutoencoderKL.encode)
-    z = sample_posterior(mean, logvar, vae_cfg, eps=jnp.zeros_like(mean))
-    true_tokens = patchify(to_model_latents(z, vae_cfg), model_cfg.latent_patch_size)  # [n, M, D]
+    encode, encoder_params = vae_encode_fn(args.model / "vae")
+    true_tokens = patchify(encode(encoder_params, jnp.asarray(normalize(images))), model_cfg.latent_patch_size)
     n, m, dim = true_tokens.shape
     prompt_len, mult = rows.input_ids.shape[1], rows.cfg_mult
     ids = np.concatenate([rows.input_ids, np.full((len(rows.input_ids), m), model_cfg.image_placeholder_id)], 1)
