@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed
 TPU_VENV := .venv-tpu
 TPU_PY := $(TPU_VENV)/bin/python
 TPU_STAMP := $(TPU_VENV)/.installed
+# Huge pages for the heap (nextstep_jax/host_memory.py), set here so that the programs the tests start need no
+# restart to get them.
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: test test-golden test-tpu install demo clean
 
@@ -19,7 +22,7 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --durations=25 tests
 
 # The whole system end to end on a CPU, ~15 minutes: outputs/demo/report.md (python -m nextstep_jax.demo --help).
 demo: $(STAMP)

@@ -1,5 +1,5 @@
 """The demo's NextStep (``python -m nextstep_jax.demo`` trains it): a small backbone + flow-matching head on cached
-latents of the built-in shapes data at 64 px, on a CPU.
+latents of the built-in shapes data at 48 px, on a CPU.
 
 The demo fills in the paths it makes (``data.tokenizer``: the SentencePiece tokenizer trained on the captions;
 ``data.datasets``: the cached latents; ``init.vae``: the demo's VAE, which brings its architecture). The sizes,
@@ -9,7 +9,9 @@ optimizer steps more than of parameters or samples (a 1.3M-parameter backbone at
 4.9M one at 8 rows). And what breaks the images is the autoregressive drift of continuous tokens, not a lack of
 caption conditioning: given the true previous tokens, the 16-channel model drew 0.77 of the images right, caption or
 not, but drawing all its own tokens only ~0.1. A 4-channel latent (16-d tokens) drifts much less, and a wider
-flow-matching head samples each token closer to the data, so the demo uses both.
+flow-matching head samples each token closer to the data, so the demo uses both. 48 px images (9 tokens
+instead of 16 at 64 px) scored as well as 64 px ones at the same step count in 60% of the time, which buys
+twice the steps.
 """
 
 import ml_collections
@@ -36,14 +38,14 @@ def get_config() -> ml_collections.ConfigDict:
         loss_chunk_size=256,
         **dict.fromkeys(TOKENIZER_ID_FIELDS),  # from data.tokenizer
     )
-    # 64 px images are 16 tokens (f8 VAE, patch 2); a shapes document is ~35 tokens, ~7 per 256-token row.
-    # At most 8 documents (8 images) per row: the flow-matching head then runs on 128 of the 256 positions.
-    config.data = data_config(seq_len=256, batch_size=4, image_size=64, image_input="latents",
+    # 48 px images are 9 tokens (f8 VAE, patch 2); a shapes document is ~28 tokens, ~9 per 256-token row.
+    # At most 8 documents (8 images) per row: the flow-matching head then runs on 72 of the 256 positions.
+    config.data = data_config(seq_len=256, batch_size=4, image_size=48, image_input="latents",
                               caption_dropout=0.1, tokenizer=None, datasets=(), max_images_per_row=8)
-    config.sampling = sampling_config(hw=(64, 64), guidance_scale=3.0, num_steps=25)
+    config.sampling = sampling_config(hw=(48, 48), guidance_scale=3.0, num_steps=25)
     config.mesh = mesh_config()
     config.init = ml_collections.ConfigDict(dict(source="scratch", path="", vae=""))
-    config.total_steps = 3000
+    config.total_steps = 6000
     config.schedule = schedule_config()
     config.schedule.update(dict(kind="cosine", peak_lr=2e-3, warmup_steps=20, final_lr_fraction=0.05))
     config.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=2))

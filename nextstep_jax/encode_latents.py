@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 from tqdm import tqdm
 
-from nextstep_jax import configs
+from nextstep_jax import configs, host_memory
 from nextstep_jax.checkpoint import CheckpointError, load_vae
 from nextstep_jax.data import images as image_ops
 from nextstep_jax.data.buckets import bucket_grids
@@ -198,4 +198,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    host_memory.restart_with_huge_pages()
     sys.exit(main())

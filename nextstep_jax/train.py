@@ -29,7 +29,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from nextstep_jax import configs
+from nextstep_jax import configs, host_memory
 from nextstep_jax.training import distributed, loop, nextstep_task, vae_task
 from nextstep_jax.training.run_config import resolve_config
 
@@ -69,4 +69,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    host_memory.restart_with_huge_pages()
     sys.exit(main())

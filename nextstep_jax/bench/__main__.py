@@ -21,7 +21,7 @@ from pathlib import Path
 
 import ml_collections
 
-from nextstep_jax import configs
+from nextstep_jax import configs, host_memory
 
 
 def bench_config() -> ml_collections.ConfigDict:
@@ -79,7 +79,8 @@ def limit_threads(threads: int) -> dict:
     flags = os.environ.get("XLA_FLAGS", "")
     if threads == 1 and "xla_cpu_multi_thread_eigen" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
-    return {"threads": threads, "cpus": cpus[:threads], "jax_already_imported": "jax" in sys.modules}
+    return {"threads": threads, "cpus": cpus[:threads], "jax_already_imported": "jax" in sys.modules,
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}  # host_memory's huge pages, when set
 
 
 def add_official_comparison(report: dict) -> None:
@@ -128,4 +129,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    host_memory.restart_with_huge_pages()
     sys.exit(main())

@@ -42,10 +42,9 @@ from nextstep_jax.generation.prompts import PromptTokenizer
 from nextstep_jax.generation.settings import SamplingSettings
 from nextstep_jax.models.nextstep import abstract_variables
 from nextstep_jax.models.vae import AutoencoderKL
+from nextstep_jax.training.chips import peak_flops_of
 
 PAPER_H100_S_PER_1024_TOKENS = 11.31
-# Dense bf16 FLOP/s by the vendor's datasheets (SXM parts), by jax's device_kind.
-DATASHEET_BF16_FLOPS = {"NVIDIA H100 80GB HBM3": 989.4e12, "NVIDIA H200": 989.4e12}
 CAPTION = "a red fox sitting in fresh snow, soft morning light"
 # The head's weights that depend on (t, c) only: fm_sampler.sample_head applies them once per token.
 PER_TOKEN_HEAD_MODULES = ("adaLN_modulation", "time_embed", "cond_embed")
@@ -95,10 +94,11 @@ def measure_machine(sizes: dict) -> dict:
     copied = 2 * big.nbytes / workloads._best(lambda: copy(big), runs)  # read and write
     del big
     kind = jax.devices()[0].device_kind
+    peak = peak_flops_of(kind)
     return {"device_kind": kind, "matmul_bf16_tflops": matmul_flops / 1e12, "matmul_size": n,
             "matvec_bandwidth_gbs": matvec / 1e9, "copy_bandwidth_gbs": copied / 1e9,
             "hbm_bandwidth_gbs": max(matvec, copied) / 1e9, "stream_bytes": sizes["stream_bytes"],
-            "datasheet_bf16_tflops": DATASHEET_BF16_FLOPS[kind] / 1e12 if kind in DATASHEET_BF16_FLOPS else None}
+            "datasheet_bf16_tflops": None if peak is None else peak / 1e12}
 
 
 def random_bf16(boxed_shapes, key):

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from nextstep_jax import host_memory
 from nextstep_jax.demo import report
 from nextstep_jax.demo.budget import FULL, MINIATURE
 from nextstep_jax.demo.stages import STAGES, Demo, DemoError
@@ -104,4 +105,5 @@ def _say(message: str) -> None:
 
 
 if __name__ == "__main__":
+    host_memory.restart_with_huge_pages()
     sys.exit(main())

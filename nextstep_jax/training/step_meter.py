@@ -7,16 +7,15 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from nextstep_jax.training.chips import CHIPS, chip_of
+from nextstep_jax.training.chips import peak_flops_of
 from nextstep_jax.training.flops import train_step_flops
 
 
 def peak_flops(config) -> float | None:
-    """Peak FLOP/s of one device: the config's, else the TPU chip's (``training/chips.py``), else unknown."""
+    """Peak FLOP/s of one device: the config's, else the chip's (``training/chips.py``), else unknown."""
     if config.peak_flops_per_device:
         return float(config.peak_flops_per_device)
-    chip = chip_of(jax.devices()[0].device_kind)
-    return CHIPS[chip]["peak_flops"] if chip else None
+    return peak_flops_of(jax.devices()[0].device_kind)
 
 
 class StepMeter:

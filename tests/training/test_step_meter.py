@@ -28,3 +28,12 @@ def test_flop_rate_counts_the_batch_image_targets():
     assert values["mfu"] == pytest.approx(flops / 0.5 / (1e12 * jax.device_count()), rel=1e-12)
     assert values["tokens_per_s"] == rows * seq / 0.5 and values["images_per_s"] == 1 / 0.5
     assert values["data/skipped"] == 2.0 and values["data/documents"] == 5.0 and values["step_time"] == 0.5
+
+
+def test_peak_flops_come_from_the_chip_tables_by_device_kind():
+    from nextstep_jax.training.chips import CHIPS, GPU_PEAK_FLOPS, peak_flops_of
+
+    assert peak_flops_of("TPU v5 lite") == CHIPS["v5e"]["peak_flops"]  # the v5e, not the v5p
+    assert peak_flops_of("TPU v5") == CHIPS["v5p"]["peak_flops"]
+    assert peak_flops_of("NVIDIA H200") == GPU_PEAK_FLOPS["NVIDIA H200"]
+    assert peak_flops_of("cpu") is None

@@ -1,0 +1,49 @@
+"""Transparent huge pages for the host's heap: the command-line programs restart themselves once with glibc's
+``glibc.malloc.hugetlb=1`` tunable.
+
+The XLA CPU runtime allocates fresh buffers for every step's intermediates, and with 4 KiB pages touching them
+costs a page fault each (~0.75 s of a 2.9 s benchmark training step on the project's 2-core host). Asking malloc
+for huge pages (``madvise``, which the kernel's default THP mode honours) measured, side by side on that host:
+the demo's training step 0.134 -> 0.112 s, the ``bench`` training step's forward+backward 2.69-2.80 -> 2.39-2.49
+s. Numbers are unchanged: only where the memory comes from differs. glibc reads its tunables at start-up, hence
+the restart; it happens before any work, keeps the process id, and only when the variable lacks the tunable.
+``NEXTSTEP_HUGE_PAGES=0`` turns it off; other C libraries and glibc before 2.35 (no such tunable) are left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TUNABLE = "glibc.malloc.hugetlb=1"
+OPT_OUT = "NEXTSTEP_HUGE_PAGES"
+
+
+def tunables_with_huge_pages(environ: dict) -> str | None:
+    """The ``GLIBC_TUNABLES`` value to restart with, or None when no restart is due."""
+    if environ.get(OPT_OUT, "1") == "0" or not _glibc_has_the_tunable():
+        return None
+    current = environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb=" in current:
+        return None
+    return f"{current}:{TUNABLE}" if current else TUNABLE
+
+
+def restart_with_huge_pages() -> None:
+    """Re-executes this program (same interpreter, same command line) with the tunable set; returns when no
+    restart is due. Call it first thing when running as a program, never from library code."""
+    tunables = tunables_with_huge_pages(os.environ)
+    if tunables is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, {**os.environ, "GLIBC_TUNABLES": tunables})
+
+
+def _glibc_has_the_tunable() -> bool:
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+    except (ValueError, OSError, AttributeError):  # not glibc, or no confstr
+        return False
+    major, minor = (int(v) for v in version.split(".")[:2])
+    return name == "glibc" and (major, minor) >= (2, 35)
