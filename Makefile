@@ -6,9 +6,6 @@ STAMP := $(VENV)/.installed
 TPU_VENV := .venv-tpu
 TPU_PY := $(TPU_VENV)/bin/python
 TPU_STAMP := $(TPU_VENV)/.installed
-# Huge pages for the heap (nextstep_jax/host_memory.py), set here so that the programs the tests start need no
-# restart to get them.
-export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: test test-golden test-tpu install demo clean
 

@@ -1,11 +1,13 @@
-"""Transparent huge pages for the host's heap: the command-line programs restart themselves once with glibc's
-``glibc.malloc.hugetlb=1`` tunable.
+"""Transparent huge pages for the host's heap: the long-running programs (train, demo, bench, encode_latents)
+restart themselves once with glibc's ``glibc.malloc.hugetlb=1`` tunable.
 
 The XLA CPU runtime allocates fresh buffers for every step's intermediates, and with 4 KiB pages touching them
 costs a page fault each (~0.75 s of a 2.9 s benchmark training step on the project's 2-core host). Asking malloc
-for huge pages (``madvise``, which the kernel's default THP mode honours) measured, side by side on that host:
-the demo's training step 0.134 -> 0.112 s, the ``bench`` training step's forward+backward 2.69-2.80 -> 2.39-2.49
-s. Numbers are unchanged: only where the memory comes from differs. glibc reads its tunables at start-up, hence
+for huge pages (it ``madvise``s its memory; the kernel honours that in its ``madvise`` and ``always`` THP modes)
+measured, side by side on that host: the demo's training step 0.134 -> 0.112 s, the ``bench`` training step's
+forward+backward 9-14% shorter (README, "Benchmarks"). Numbers are unchanged: only where the memory comes from
+differs. Short programs lose: zeroing 2 MiB pages costs more than the faults it saves (a 35 s test ran 10%
+slower), so one-off commands such as ``sample`` do not restart. glibc reads its tunables at start-up, hence
 the restart; it happens before any work, keeps the process id, and only when the variable lacks the tunable.
 ``NEXTSTEP_HUGE_PAGES=0`` turns it off; other C libraries and glibc before 2.35 (no such tunable) are left alone.
 """

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nextstep_jax import configs, host_memory
+from nextstep_jax import configs
 from nextstep_jax.checkpoint import CheckpointError, load_model, load_vae, read_model_config, read_vae_config, \
     release_files
 from nextstep_jax.generation.generator import Generator
@@ -183,5 +183,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    host_memory.restart_with_huge_pages()
     sys.exit(main())
