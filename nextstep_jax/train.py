@@ -19,6 +19,9 @@ steps, on SIGTERM and at the end), ``metrics.jsonl`` and ``tensorboard/`` (every
 complete checkpoint with the same data order and random numbers, so the steps after it repeat an uninterrupted
 run exactly.
 
+Run as a program, it first restarts itself once with huge pages for the heap (``nextstep_jax/host_memory.py``;
+``NEXTSTEP_HUGE_PAGES=0`` turns that off).
+
 Exit status: 0 done; 2 bad input (one line naming the file, field or value; nothing written, nothing
 compiled); 1 stopped at a non-finite step under ``train_step.nonfinite="stop"``.
 """

@@ -8,7 +8,9 @@ One JSON object on stdout (and in ``--out``): the effective config, the machine'
 and memory bandwidth measured in the same run (so each figure is also a fraction of this machine's limit),
 and one result per workload. The config fields and the report keys are a contract shared with other
 implementations measured on the same machine (docs/benchmarks.md); ``cfg`` there is the guidance scale, as
-in the official code. Thread limits must be in place before JAX starts, so JAX is imported only after them.
+in the official code. Thread limits must be in place before JAX starts, so JAX is imported only after them;
+the program first restarts itself once with huge pages for the heap (``nextstep_jax/host_memory.py``;
+``NEXTSTEP_HUGE_PAGES=0`` turns that off), and the report's ``thread_limit.glibc_tunables`` says how it ran.
 """
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ def labelled_grid(images: list[np.ndarray], captions: list[str], passed: list[bo
     """Each image enlarged a whole number of times (nearest) to at least ``min_side`` px, so that three lines of
     caption fit under it; framed green when the mini GenEval accepts it for its caption and red when not."""
     font = ImageFont.load_default(size=11)
-    side = images[0].shape[0] * -(-min_side // images[0].shape[0])
+    side = images[0].shape[0] * math.ceil(min_side / images[0].shape[0])
     frame, line_height, lines = 3, 13, 3
     tile_w, tile_h = side + 2 * frame, side + 2 * frame + lines * line_height + 4
     rows = math.ceil(len(images) / columns)
