@@ -26,9 +26,11 @@ demo: $(STAMP)
 	$(PY) -m nextstep_jax.demo --out outputs/demo
 
 # The tests that read golden vectors, against another golden folder: make test-golden GOLDEN=/path/to/set
+# (GOLDEN_MARK='golden and not slow' leaves out the multi-device programs, the longest of them).
+GOLDEN_MARK ?= golden
 test-golden: $(STAMP)
 	test -d "$(GOLDEN)/cases" || { echo "GOLDEN=$(GOLDEN): not a golden folder (no cases/)"; exit 2; }
-	NEXTSTEP_GOLDEN_DIR="$(abspath $(GOLDEN))" $(PY) -m pytest -q -n 2 -m golden tests
+	NEXTSTEP_GOLDEN_DIR="$(abspath $(GOLDEN))" $(PY) -m pytest -q -n 2 -m "$(GOLDEN_MARK)" --durations=25 tests
 
 $(TPU_STAMP): requirements.txt requirements-test.txt requirements-tpu.txt pyproject.toml
 	test -x $(TPU_PY) || $(PYTHON) -m venv $(TPU_VENV)

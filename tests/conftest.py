@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,16 @@ TESTS_DIR = Path(__file__).resolve().parent
 # The programs the tests start stay on 4 KiB pages (nextstep_jax/host_memory.py): they are short, and zeroing huge
 # pages costs them more than the page faults it saves (one training test: 36.6 s with huge pages, 33.2 s without).
 os.environ.setdefault("NEXTSTEP_HUGE_PAGES", "0")
+# One persistent compilation cache for the whole test session: this process, its xdist workers and every program a
+# test starts inherit it (set before jax is imported), so a program compiled once (the same train step in another
+# test or the restarted run of a resume test) is loaded instead of compiled again; a cached executable is the same
+# program, so every number stays bit for bit that of a fresh compile. Set before the workers start, the variable
+# names the folder of the process that made it, which alone removes it. A size limit makes jax lock the folder, so
+# no process reads an entry another is still writing.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="nextstep_test_jax_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))
 
 
 def golden_root() -> Path:

@@ -1,9 +1,10 @@
 """Runs of ``python -m nextstep_jax.train`` for the trainer tests: the tiny config at test sizes, in a subprocess
 (fake CPU devices exist only if XLA hears of them before JAX starts).
 
-Every run shares one persistent compilation cache (a temporary folder for the test session), so a program
-compiled by one run (the restarted run of a resume test, the same model on the same mesh) is not compiled
-again: the cached executable is the same program, so results stay bit for bit those of a fresh compile.
+Every run uses the test session's persistent compilation cache (tests/conftest.py), for every program however
+quick to compile, so a program compiled by one run (the restarted run of a resume test, the same model on the same
+mesh) is not compiled again: the cached executable is the same program, so results stay bit for bit those of a
+fresh compile.
 """
 
 from __future__ import annotations
@@ -21,15 +22,13 @@ REPO = Path(__file__).resolve().parents[1]
 # Test sizes: 96-token rows of 32 px shapes (4 image tokens each), 8 rows (so 8 devices each get one).
 SMALL = ("--config.data.seq_len=96", "--config.data.batch_size=8", "--config.data.image_size=32",
          "--config.data.max_images_per_row=2", "--config.eval.every_steps=0", "--config.sampling.num_steps=4")
-_CACHE = Path(tempfile.mkdtemp(prefix="nextstep_train_cache_"))
-atexit.register(shutil.rmtree, _CACHE, True)
 
 
 def environment(devices: int = 1, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
-    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(_CACHE),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    env.update(JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
                PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
     if devices > 1:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
@@ -60,7 +59,7 @@ def shared_run(*overrides: str) -> Path:
     the tests that only read its metrics (a long enough run serves as the uninterrupted reference of a shorter
     one: nothing in a step depends on total_steps under the tiny config's warmup-then-constant schedule)."""
     if overrides not in _SHARED:
-        workdir = Path(tempfile.mkdtemp(prefix="nextstep_train_run_", dir=_CACHE.parent))
+        workdir = Path(tempfile.mkdtemp(prefix="nextstep_train_run_"))
         atexit.register(shutil.rmtree, workdir, True)
         run_train(workdir, *overrides)
         _SHARED[overrides] = workdir

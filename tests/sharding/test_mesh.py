@@ -29,6 +29,7 @@ def report(golden_dir):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_meshes_match_one_device(report):
     assert len(report["meshes"]) >= 3
     assert any(m["mesh"]["tensor"] > report["kv_heads"] for m in report["meshes"])
@@ -41,11 +42,13 @@ def test_meshes_match_one_device(report):
     assert report["microbatches"]["updated_params_err"] <= 1e-4, report["microbatches"]
 
 
+@pytest.mark.slow
 def test_lowered_programs_carry_sharding_constraints(report):
     for m in report["meshes"]:
         assert m["forward_constraints"] > 0 and m["step_constraints"] > m["forward_constraints"], m
 
 
+@pytest.mark.slow
 def test_decode_and_placement(report):
     assert report["decode_err"] < 1e-5 and report["fused_decode_err"] < 1e-5, report
     # q kernel [layers, embed, heads, head_dim]: embed over fsdp, heads over tensor.
@@ -61,6 +64,7 @@ def test_decode_and_placement(report):
     assert report["batch_spec"][0] == ["data", "fsdp"] and not any(report["batch_spec"][1:]), report
 
 
+@pytest.mark.slow
 def test_indivisible_dimensions_are_replicated(report):
     odd = report["odd"]
     assert odd["vocab_size"] % 2
@@ -70,6 +74,7 @@ def test_indivisible_dimensions_are_replicated(report):
     assert odd["embed_spec"] == [None, "fsdp"], odd  # odd vocabulary: not split over tensor
 
 
+@pytest.mark.slow
 def test_temporaries_fall_as_the_batch_is_split(report):
     temps = report["temporaries"]  # batch split 1, 2, 4, 8 ways
     assert all(b < a for a, b in zip(temps, temps[1:])), temps

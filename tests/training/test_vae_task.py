@@ -192,6 +192,7 @@ def test_trainer_rejects_a_bad_field_before_building(golden_dir, tmp_path, capsy
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_mesh_step_matches_one_device(golden_dir, config):
     """8 fake devices (subprocess): the sharded step, critic included, equals the single-device one."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
