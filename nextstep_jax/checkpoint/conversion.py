@@ -172,18 +172,18 @@ def import_release(src: str | Path, dest: str | Path, *, dtype: str | None = Non
             skipped = _copy_release_files(release.folder, tensors.weight_files, tmp / RELEASE_DIR, nested)
             vae_report = (import_release(vae, tmp / VAE_DIR, dtype=dtype, progress=progress) if nested
                           else ConversionReport(tmp / VAE_DIR, 0, 0, 0.0))
-            writer = StoreWriter(tmp, release.kind, release.cfg, lambda path: DTYPES[leaf_dtypes[path]])
-            for e in release.table:
-                array = release.read(e.torch_key)
-                writer.write_param(e, array)
-                bar.update(array.nbytes)
-                del array  # before the next read: one tensor in memory at a time
-            for record in records:
-                if record.extra:
-                    array = tensors.read(record.key)
-                    writer.write_extra(record, array)
+            with StoreWriter(tmp, release.kind, release.cfg, lambda path: DTYPES[leaf_dtypes[path]]) as writer:
+                for e in release.table:
+                    array = release.read(e.torch_key)
+                    writer.write_param(e, array)
                     bar.update(array.nbytes)
-            writer.finish(manifest)
+                    del array  # before the next read: one tensor in memory at a time
+                for record in records:
+                    if record.extra:
+                        array = tensors.read(record.key)
+                        writer.write_extra(record, array)
+                        bar.update(array.nbytes)
+                writer.finish(manifest)
     return ConversionReport(Path(dest), len(records) + vae_report.tensors, total + vae_report.bytes,
                             time.perf_counter() - start, tuple(skipped))
 

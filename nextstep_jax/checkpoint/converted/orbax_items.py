@@ -16,6 +16,7 @@ reading anything back).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -146,6 +147,14 @@ class ItemWriter:
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.result()
+
+    def drain(self) -> None:
+        """Wait for the write in flight whatever its outcome, so that nothing lands in the folder afterwards
+        (a failed conversion deletes it)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            with contextlib.suppress(Exception):
+                pending.result()
 
     def finish(self) -> None:
         self.flush()

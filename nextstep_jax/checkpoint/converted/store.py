@@ -186,6 +186,15 @@ class StoreWriter:
             self._params.create(path, shape, dtype, chunks)
             self._chunks[path], self._dtypes[path] = chunks, dtype
 
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # A write still in flight after an error would recreate files in a folder its caller is about to delete.
+        for item in (self._params, self._extra):
+            if item is not None:
+                item.drain()
+
     def write_param(self, entry: Entry, torch_array: np.ndarray) -> None:
         view = flax_view(entry, torch_array)
         prefix = () if entry.layer is None else (entry.layer,)
