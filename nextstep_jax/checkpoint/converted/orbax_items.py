@@ -151,10 +151,8 @@ class ItemWriter:
     def drain(self) -> None:
         """Wait for the write in flight whatever its outcome, so that nothing lands in the folder afterwards
         (a failed conversion deletes it)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            with contextlib.suppress(Exception):
-                pending.result()
+        with contextlib.suppress(Exception):
+            self.flush()
 
     def finish(self) -> None:
         self.flush()
