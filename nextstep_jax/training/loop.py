@@ -22,6 +22,7 @@ import ml_collections
 from nextstep_jax.training.checkpointing import CheckpointRestoreError, StopSignal, TrainCheckpointer
 from nextstep_jax.training.distributed import say
 from nextstep_jax.training.metrics import MetricsWriter
+from nextstep_jax.training.optimizer import averaged_params
 from nextstep_jax.training.profiler import Profiler
 from nextstep_jax.training.step import must_stop
 from nextstep_jax.training.workdir import CHECKPOINTS_DIR, PROFILE_DIR, write_config
@@ -94,7 +95,7 @@ def train(task: Task) -> int:
             values.update(task.measure(local, time.perf_counter() - last))
             stopping = must_stop(step, values, config.train_step)
             if not stopping and task.evaluation_due(step):
-                values.update(task.evaluate(step, state.params))
+                values.update(task.evaluate(step, averaged_params(state.opt_state, state.params)))
             writer.write(step, values)
             profiler.after(step, metrics)
             if stopping:
@@ -109,5 +110,5 @@ def train(task: Task) -> int:
             checkpoints.save(step, state, task.data, force=True)  # no-op when this step is already saved
     checkpoints.close()
     if code == 0 and task.export_to is not None:
-        task.export(state.params)
+        task.export(averaged_params(state.opt_state, state.params))
     return code

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Collection
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +49,9 @@ def optim_config() -> ml_collections.ConfigDict:
         # Regexes matched against the whole "/"-joined param path, e.g. "backbone/.*" (the official
         # freeze_lm_model: layers + final norm), "embed_tokens/.*", "lm_head/.*".
         freeze=(),
+        # > 0: also keep an exponential moving average of the params (in the optimizer state), which the
+        # periodic samples and the export then use; 0: none (the official trainer keeps none).
+        ema_decay=0.0,
     ))
 
 
@@ -173,7 +177,45 @@ def make_optimizer(optim: ml_collections.ConfigDict, schedule_cfg: ml_collection
     if jnp.dtype(optim.nu_dtype) != jnp.float32:
         adamw = _second_moment_stored_as(adamw, jnp.dtype(optim.nu_dtype))
     train = optax.chain(optax.clip_by_global_norm(optim.clip_norm), adamw) if optim.clip_norm else adamw
-    return optax.multi_transform({TRAIN: train, FROZEN: optax.set_to_zero()}, labels), schedule
+    tx = optax.multi_transform({TRAIN: train, FROZEN: optax.set_to_zero()}, labels)
+    ema_decay = float(optim.get("ema_decay", 0.0))
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"optim.ema_decay must be in [0, 1), got {ema_decay}")
+    return (optax.chain(tx, params_ema(ema_decay)) if ema_decay else tx), schedule
+
+
+class ParamsEma(NamedTuple):
+    count: jax.Array  # int32 scalar: updates averaged in
+    ema: Any  # like params, float32
+
+
+def params_ema(decay: float) -> optax.GradientTransformation:
+    """Keeps ``ema ← d·ema + (1 - d)·params`` of the params after each update, with d = min(decay, (1 + n) /
+    (10 + n)) at update n, so that a short run's average is not dominated by its initial params. The updates
+    pass through unchanged; ``averaged_params`` finds the average in an optimizer state."""
+
+    def init(params):
+        ema = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+        return ParamsEma(count=jnp.zeros([], jnp.int32), ema=ema)
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("params_ema needs the params: call update(updates, state, params)")
+        n = state.count.astype(jnp.float32)
+        d = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+        new_params = optax.apply_updates(params, updates)
+        ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p.astype(jnp.float32), state.ema, new_params)
+        return updates, ParamsEma(count=state.count + 1, ema=ema)
+
+    return optax.GradientTransformation(init, update)
+
+
+def averaged_params(opt_state, params):
+    """The params to sample, evaluate and export: the moving average an ``optim.ema_decay`` run keeps in
+    ``opt_state``, else ``params`` themselves."""
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ParamsEma))
+             if isinstance(s, ParamsEma)]
+    return found[0].ema if found else params
 
 
 def _second_moment_stored_as(tx: optax.GradientTransformation, dtype) -> optax.GradientTransformation:

@@ -13,8 +13,8 @@ from flax import linen as nn
 from nextstep_jax.checkpoint.mapping import nextstep_table
 from nextstep_jax.checkpoint import read_model_config
 from nextstep_jax.models.nextstep import abstract_variables
-from nextstep_jax.training.optimizer import (decay_mask, freeze_labels, make_optimizer, make_schedule,
-                                             nextstep_layer_norm_paths, optim_config, path_names,
+from nextstep_jax.training.optimizer import (averaged_params, decay_mask, freeze_labels, make_optimizer,
+                                             make_schedule, nextstep_layer_norm_paths, optim_config, path_names,
                                              schedule_config)
 
 
@@ -185,3 +185,45 @@ def test_schedules_closed_form():
     cfg.kind = "linear"
     with pytest.raises(ValueError, match="schedule.kind 'linear'"):
         make_schedule(cfg, 10)
+
+
+def test_params_ema_matches_float64_recursion():
+    """``optim.ema_decay``: after each update the average moves toward the new params with the warmed-up decay
+    min(decay, (1+n)/(10+n)), frozen leaves included (their average stays the params); the trained params
+    are the same as without it."""
+    params64 = _small_tree()
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params64)
+    optim, sched = optim_config(), schedule_config()
+    optim.freeze = ("frozen/.*",)
+    sched.peak_lr, sched.warmup_steps = 0.05, 0
+    plain, _ = make_optimizer(optim, sched, params, total_steps=30)
+    optim.ema_decay = 0.5  # reached at update 8 of the 25: the warm-up and the fixed decay both run
+    tx, _ = make_optimizer(optim, sched, params, total_steps=30)
+    assert averaged_params(plain.init(params), "no average") == "no average"
+    rng = np.random.default_rng(3)
+    state, plain_state, plain_params = tx.init(params), plain.init(params), params
+    ema64 = {"/".join(k): v for k, v in _flat(params64).items()}
+    update, plain_update = jax.jit(tx.update), jax.jit(plain.update)
+    for n in range(25):
+        grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        plain_updates, plain_state = plain_update(grads, plain_state, plain_params)
+        plain_params = optax.apply_updates(plain_params, plain_updates)
+        d = min(0.5, (1 + n) / (10 + n))
+        ema64 = {k: d * e + (1 - d) * np.float64(np.asarray(_flat(params)[tuple(k.split("/"))]))
+                 for k, e in ema64.items()}
+    got = {"/".join(k): np.asarray(v) for k, v in _flat(averaged_params(state, None)).items()}
+    for k in ema64:
+        np.testing.assert_allclose(got[k], ema64[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    np.testing.assert_array_equal(got["frozen/kernel"], np.float32(params64["frozen"]["kernel"]))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(plain_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("decay", [-0.1, 1.0])
+def test_ema_decay_out_of_range_is_named(decay):
+    optim = optim_config()
+    optim.ema_decay = decay
+    with pytest.raises(ValueError, match="optim.ema_decay"):
+        make_optimizer(optim, schedule_config(), jax.tree.map(jnp.asarray, _small_tree()), total_steps=10)
