@@ -25,13 +25,16 @@ SMALL = ("--config.data.seq_len=96", "--config.data.batch_size=8", "--config.dat
 
 
 def environment(devices: int = 1, **extra: str) -> dict[str, str]:
+    """The environment of a program a test starts on ``devices`` fake CPU devices: the session's XLA flags
+    (tests/conftest.py) and compilation cache, the repository importable."""
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    if devices > 1:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env["XLA_FLAGS"] = " ".join(flags)
     env.update(JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
                PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
-    if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env.update(extra)
     return env
 

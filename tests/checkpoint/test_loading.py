@@ -3,7 +3,6 @@ dtype and placement, computed independently from the mapping table; bad input fa
 culprit."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from nextstep_jax.checkpoint.conversion import import_release
 from nextstep_jax.checkpoint.mapping import nextstep_table, to_flax, vae_table
 from nextstep_jax.checkpoint.release.safetensors import SafetensorsReader, TensorSpec, write_safetensors
 from nextstep_jax.models.layouts import unfuse_projections
+from train_runs import environment
 
 MESH_SCRIPT = Path(__file__).with_name("mesh_loading.py")
 
@@ -231,7 +231,7 @@ def test_wrong_kind_or_path_is_named(golden_dir, converted, tmp_path):
 
 
 def test_mesh_loads_match_single_device_in_the_logical_shardings(golden_dir, converted):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = environment(8)
     out = subprocess.run([sys.executable, str(MESH_SCRIPT), str(golden_dir), str(converted)], env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -2,7 +2,6 @@
 dataset, and each packs its share of the global batch."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 
 from nextstep_jax.data.records import RecordWriter
 from nextstep_jax.data.samples import Sample
+from train_runs import environment
 
 SCRIPT = Path(__file__).with_name("process_shard_keys.py")
 
@@ -26,8 +26,7 @@ def test_two_processes_get_disjoint_shards_covering_the_dataset(golden_dir, tmp_
         for i in range(13):
             writer.write(Sample(f"doc{i}", "text", (f"document number {i}",)))
     port = _free_port()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    env = environment()
     procs = [subprocess.Popen([sys.executable, str(SCRIPT), str(i), str(port), str(records),
                                str(golden_dir / "tokenizer")], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]

@@ -3,7 +3,6 @@ device count is set before jax is imported); mesh construction, the indivisible-
 up-front refusal of configs a mesh cannot split."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,13 +15,14 @@ from jax.sharding import AbstractMesh, PartitionSpec
 
 from nextstep_jax.configs import model_config
 from nextstep_jax.sharding import MESH_AXES, fit_spec, make_mesh, validate_mesh
+from train_runs import environment
 
 SCRIPT = Path(__file__).with_name("mesh_equivalence.py")
 
 
 @pytest.fixture(scope="module")
 def report(golden_dir):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = environment(8)
     out = subprocess.run([sys.executable, str(SCRIPT), str(golden_dir / "model")], env=env, capture_output=True,
                          text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]

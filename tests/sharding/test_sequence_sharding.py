@@ -3,12 +3,12 @@ imported): the same loss, gradients and train step as one device, and activation
 the sequence is split."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from train_runs import environment
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).with_name("sequence_sharding.py")
@@ -16,7 +16,7 @@ SCRIPT = Path(__file__).with_name("sequence_sharding.py")
 
 @pytest.fixture(scope="module")
 def report(golden_dir):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = environment(8)
     out = subprocess.run([sys.executable, str(SCRIPT), str(golden_dir / "model")], env=env, capture_output=True,
                          text=True, timeout=1200, cwd=SCRIPT.parent)
     assert out.returncode == 0, out.stderr[-3000:]

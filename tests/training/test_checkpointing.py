@@ -17,6 +17,7 @@ from nextstep_jax.data.pipeline import DataConfig, DatasetSpec, make_iterator
 from nextstep_jax.training.checkpointing import (CheckpointRestoreError, StopSignal, TrainCheckpointer,
                                                  abstract_like)
 from nextstep_jax.training.optimizer import make_optimizer, optim_config, schedule_config
+from train_runs import environment
 
 SCRIPT = Path(__file__).with_name("sharded_checkpoint.py")
 SMALL_DATA = dict(seq_len=192, batch_size=2, image_size=32, max_images_per_row=4, shard_index=0, shard_count=1)
@@ -150,7 +151,7 @@ def test_sigterm_requests_a_stop(tmp_path):
 
 
 def test_restore_on_8_devices_into_a_different_sharding(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = environment(8)
     out = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

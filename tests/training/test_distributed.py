@@ -2,7 +2,6 @@
 processes (gloo, 4 fake devices each) forming one 8-device job with a correct cross-process reduction."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from nextstep_jax.training.distributed import Settings, resolve
+from train_runs import environment
 
 SCRIPT = Path(__file__).with_name("distributed_process.py")
 
@@ -49,8 +49,7 @@ def _free_port() -> int:
 
 def test_two_processes_reduce_across_hosts():
     port = _free_port()
-    base = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-            "NEXTSTEP_COORDINATOR": f"127.0.0.1:{port}", "NEXTSTEP_NUM_PROCESSES": "2"}
+    base = environment(4, NEXTSTEP_COORDINATOR=f"127.0.0.1:{port}", NEXTSTEP_NUM_PROCESSES="2")
     procs = [subprocess.Popen([sys.executable, str(SCRIPT)], env={**base, "NEXTSTEP_PROCESS_ID": str(i)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outputs = []

@@ -6,7 +6,6 @@ The VAE architecture is the golden tokenizer's (its config.json), the image size
 fields come from configs/tokenizer_shapes.py."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ from nextstep_jax.training.optimizer import make_optimizer
 from nextstep_jax.training.vae_task import (VaeEvaluator, VaeStateLayout, abstract_vae_variables, check_vae_config,
                                             export_vae, exported_vae_config, latent_statistics,
                                             make_vae_train_step, training_reconstruction, with_vae_defaults)
+from train_runs import environment
 
 BATCH = 2
 CONFIGS = Path(__file__).parents[2] / "configs"
@@ -195,7 +195,7 @@ def test_trainer_rejects_a_bad_field_before_building(golden_dir, tmp_path, capsy
 @pytest.mark.slow
 def test_mesh_step_matches_one_device(golden_dir, config):
     """8 fake devices (subprocess): the sharded step, critic included, equals the single-device one."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = environment(8)
     script, config_file = Path(__file__).with_name("vae_mesh_step.py"), CONFIGS / "tokenizer_shapes.py"
     out = subprocess.run([sys.executable, str(script), str(golden_dir / "vae"), str(config.data.image_size),
                           str(config_file)], env=env, capture_output=True, text=True, timeout=300)
