@@ -1,6 +1,7 @@
 """``python -m nextstep_jax.train``: what a run leaves in its workdir (resolved config, checkpoints, metrics with
 every per-step field, TensorBoard events, a sample grid, a profiler trace); ``--export DIR`` on the finished run
-writes the official release layout, which the loading code reads back bit for bit, without training again;
+writes the official release layout (of the params' moving average, which this run keeps), which the loading code
+reads back bit for bit, without training again;
 bad input is refused with exit status 2, one line naming the culprit and nothing written: an unknown task, a
 missing init checkpoint, an LLM or tokenizer whose vocabulary does not fit the model."""
 
@@ -32,7 +33,8 @@ ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", 
 def test_a_run_writes_its_workdir_and_exports(tmp_path):
     workdir = tmp_path / "run"
     args = ("--config.total_steps=2", "--config.checkpoint.every_steps=1", "--config.eval.every_steps=2",
-            "--config.profile.start_step=2", "--config.profile.num_steps=1", "--config.model.noise_strength=0.25")
+            "--config.profile.start_step=2", "--config.profile.num_steps=1", "--config.model.noise_strength=0.25",
+            "--config.optim.ema_decay=0.5")
     proc = run_train(workdir, *args)
     config = json.loads((workdir / "config.json").read_text())
     assert config["total_steps"] == 2 and config["data"]["seq_len"] == 96 and config["task"] == "nextstep"
@@ -64,20 +66,31 @@ def _check_export(dest, workdir, config, step):
     cfg = read_model_config(dest)
     for field in ARCHITECTURE:
         assert cfg[field] == config["model"][field], field
-    # The saved train state, read without a target (independent of the trainer's restore).
-    saved = ocp.StandardCheckpointer().restore((workdir / "checkpoints" / str(step) / "state").absolute())["params"]
-    _, params = load_model(dest)
-    flat_saved = dict(jax.tree_util.tree_flatten_with_path(jax.tree.map(np.asarray, saved))[0])
-    flat_loaded = dict(jax.tree_util.tree_flatten_with_path(jax.tree.map(np.asarray, params))[0])
-    assert flat_saved.keys() == flat_loaded.keys()
-    for path, value in flat_saved.items():
+    # The saved train state, read without a target (independent of the trainer's restore): the run keeps a
+    # moving average of its params (optim.ema_decay), and that average is what it exports.
+    state = ocp.StandardCheckpointer().restore((workdir / "checkpoints" / str(step) / "state").absolute())
+    averages = [v for v in jax.tree.leaves(state["opt_state"], is_leaf=_is_ema) if _is_ema(v)]
+    assert len(averages) == 1, jax.tree.structure(state["opt_state"])
+    flat_ema = _flat(averages[0]["ema"])
+    flat_params, flat_loaded = _flat(state["params"]), _flat(load_model(dest)[1])
+    assert flat_ema.keys() == flat_loaded.keys() == flat_params.keys()
+    for path, value in flat_ema.items():
         np.testing.assert_array_equal(flat_loaded[path], value, err_msg=jax.tree_util.keystr(path))
+    assert any(not np.array_equal(flat_params[p], v) for p, v in flat_ema.items())  # the average is not the params
     vae_cfg, _ = load_vae(dest / "vae")
     for key, value in config["vae"].items():
         if key != "dtype":
             assert vae_cfg[key] == (tuple(value) if isinstance(value, list) else value), key
     assert load_tokenizer(dest).special.boi == config["model"]["boi"]
     assert json.loads((dest / "sampling.json").read_text())["hw"] == config["sampling"]["hw"]
+
+
+def _is_ema(node) -> bool:
+    return isinstance(node, dict) and set(node) == {"count", "ema"}
+
+
+def _flat(tree) -> dict:
+    return dict(jax.tree_util.tree_flatten_with_path(jax.tree.map(np.asarray, tree))[0])
 
 
 def _refused(tmp_path, capsys, *overrides, config="configs/tiny.py"):

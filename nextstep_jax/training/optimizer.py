@@ -13,6 +13,10 @@ biases [heads, head_dim] or the stacked [layers, ...] axis of scanned layers).
 Frozen parameters (``optim.freeze``: regular expressions over "/"-joined parameter paths) get zero updates and
 no optimizer moments; the clipping norm is taken over the trained parameters only, as the official trainer,
 which leaves frozen parameters out of its optimizer.
+
+``optim.ema_decay`` > 0 adds a moving average of the params to the optimizer state (``params_ema``): sharded,
+checkpointed and kept on a skipped step like the moments, and what the trainer samples and exports
+(``averaged_params``).
 """
 
 from __future__ import annotations
@@ -178,7 +182,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, schedule_cfg: ml_collection
         adamw = _second_moment_stored_as(adamw, jnp.dtype(optim.nu_dtype))
     train = optax.chain(optax.clip_by_global_norm(optim.clip_norm), adamw) if optim.clip_norm else adamw
     tx = optax.multi_transform({TRAIN: train, FROZEN: optax.set_to_zero()}, labels)
-    ema_decay = float(optim.get("ema_decay", 0.0))
+    ema_decay = float(optim.ema_decay)
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"optim.ema_decay must be in [0, 1), got {ema_decay}")
     return (optax.chain(tx, params_ema(ema_decay)) if ema_decay else tx), schedule
@@ -204,7 +208,8 @@ def params_ema(decay: float) -> optax.GradientTransformation:
         n = state.count.astype(jnp.float32)
         d = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
         new_params = optax.apply_updates(params, updates)
-        ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p.astype(jnp.float32), state.ema, new_params)
+        # e + (1 - d)(p - e): a leaf that did not move (frozen) keeps its average bit for bit.
+        ema = jax.tree.map(lambda e, p: e + (1.0 - d) * (p.astype(jnp.float32) - e), state.ema, new_params)
         return updates, ParamsEma(count=state.count + 1, ema=ema)
 
     return optax.GradientTransformation(init, update)
