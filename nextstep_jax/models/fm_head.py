@@ -19,6 +19,8 @@ FREQ_DIM = 256
 MAX_PERIOD = 10000.0
 LN_EPS = 1e-6
 
+_ACT_EMBED = ("activation_batch", "activation_embed")
+
 VelocityFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 
 _xavier = nn.initializers.xavier_uniform()  # == torch xavier_uniform_ on the transposed [out, in] weight
@@ -67,7 +69,7 @@ class TimestepEmbedder(nn.Module):
         h = timestep_embedding(t).astype(self.dtype)
         h = _dense(self.dim, ("fm_freq", "fm_mlp"), self.dtype, self.param_dtype, "mlp_0", init)(h)
         h = _dense(self.dim, ("fm_mlp", "fm_embed"), self.dtype, self.param_dtype, "mlp_2", init)(nn.silu(h))
-        return nn.with_logical_constraint(h, ("activation_batch", "activation_embed"))
+        return nn.with_logical_constraint(h, _ACT_EMBED)
 
 
 class ResBlock(nn.Module):
@@ -90,11 +92,15 @@ class ResBlock(nn.Module):
         return self.adaLN_modulation_1(nn.silu(y))
 
     def modulated(self, x: jax.Array, mod: jax.Array) -> jax.Array:
+        # Every matmul's input and output pinned (here and in FinalLayer): left to XLA's sharding propagation,
+        # a (data, fsdp, tensor) mesh with 32-128 rows per loss chunk computed some batch shards wrong, in the
+        # forward (mlp_2's output) and in the backward (the cotangents into mlp_0 and the final linear).
+        # tests/sharding/test_mesh.py holds that case.
         shift, scale, gate = jnp.split(mod, 3, axis=-1)
-        h = _modulate(self.in_ln(x), shift, scale)
+        h = nn.with_logical_constraint(_modulate(self.in_ln(x), shift, scale), _ACT_EMBED)
         h = nn.with_logical_constraint(nn.silu(self.mlp_0(h)), ("activation_batch", "activation_mlp"))
-        h = self.mlp_2(h)
-        return nn.with_logical_constraint(x + gate * h, ("activation_batch", "activation_embed"))
+        h = nn.with_logical_constraint(self.mlp_2(h), _ACT_EMBED)
+        return nn.with_logical_constraint(x + gate * h, _ACT_EMBED)
 
     def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
         return self.modulated(x, self.modulation(y))
@@ -118,7 +124,7 @@ class FinalLayer(nn.Module):
 
     def modulated(self, x: jax.Array, mod: jax.Array) -> jax.Array:
         shift, scale = jnp.split(mod, 2, axis=-1)
-        v = self.linear(_modulate(self.norm_final(x), shift, scale))
+        v = self.linear(nn.with_logical_constraint(_modulate(self.norm_final(x), shift, scale), _ACT_EMBED))
         return nn.with_logical_constraint(v, ("activation_batch", "activation_token"))
 
     def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -154,7 +160,7 @@ class SimpleMLPAdaLN(nn.Module):
 
     def embed_condition(self, c: jax.Array) -> jax.Array:
         """[N, cond_dim] -> [N, dim] in the compute dtype."""
-        return nn.with_logical_constraint(self.cond_embed(c), ("activation_batch", "activation_embed"))
+        return nn.with_logical_constraint(self.cond_embed(c), _ACT_EMBED)
 
     def modulations(self, t: jax.Array, c_emb: jax.Array) -> tuple[list[jax.Array], jax.Array]:
         """(per block [..., 3·dim], final layer [..., 2·dim]) for y = time_embed(t) + c_emb.
@@ -169,7 +175,7 @@ class SimpleMLPAdaLN(nn.Module):
     def velocity_with_modulations(self, x: jax.Array, mods: tuple[list[jax.Array], jax.Array]) -> jax.Array:
         """v [N, token_dim] (compute dtype) from x [N, token_dim] and ``modulations`` rows [N, ·]."""
         block_mods, final_mod = mods
-        h = nn.with_logical_constraint(self.input_proj(x), ("activation_batch", "activation_embed"))
+        h = nn.with_logical_constraint(self.input_proj(x), _ACT_EMBED)
         for block, mod in zip(self.res_blocks, block_mods, strict=True):
             h = block.modulated(h, mod)
         return self.final_layer.modulated(h, final_mod)

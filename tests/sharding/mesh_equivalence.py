@@ -149,6 +149,14 @@ def main(golden_model_dir: str) -> None:
             "updated_params_err": _rel_errors(r["params"], ref["params"]),
             "update_size": _rel_errors(r["params"], params),
             "forward_constraints": r["forward_constraints"], "step_constraints": r["step_constraints"]})
+    # Both heads in chunks of 4 positions (32 rows each) on (2, 2, 2): the shapes at which XLA's SPMD pass
+    # once miscompiled the FM head's mlp_2 (see fm_head.ResBlock.modulated).
+    chunked = replace(cfg, loss_chunk_size=4)
+    chunked_ref = _run(chunked, params, batch, one)
+    r = _run(chunked, params, batch, _mesh(meshes(cfg)[1]))
+    report["chunked"] = {"loss": [float(r["loss"]), float(chunked_ref["loss"])],
+                         "grad_err": _rel_errors(r["grads"], chunked_ref["grads"]),
+                         "updated_params_err": _rel_errors(r["params"], chunked_ref["params"])}
     # Gradient accumulation: two microbatches give the one-batch step.
     r = _run(cfg, params, batch, _mesh(meshes(cfg)[1]), microbatches=2)
     report["microbatches"] = {"updated_params_err": _rel_errors(r["params"], ref["params"]),
