@@ -303,11 +303,13 @@ def train(config: dict, machine: dict) -> dict:
     row_keys = jax.random.split(jax.random.key(1), t["batch"])
     totals = loss_counts(cfg, batch["input_ids"], batch["labels"], batch["image_loss_mask"],
                          segment_ids=batch["segment_ids"])
+    text_slots = t["seq"] - t["image_tokens"]  # every row's text targets (the LM head's gathered slots)
 
     def loss(p):
         return model.apply({"params": p}, batch["input_ids"], batch["labels"], batch["image_tokens"],
                            batch["image_loss_mask"], segment_ids=batch["segment_ids"], positions=batch["positions"],
-                           rng=row_keys, totals=totals, image_positions=t["image_tokens"], method=NextStep.loss)
+                           rng=row_keys, totals=totals, image_positions=t["image_tokens"],
+                           text_positions=text_slots, method=NextStep.loss)
 
     fwd_bwd_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
     fb_first, fwd_bwd, fwd_bwd_cpu = _timed_with_cpu(lambda: fwd_bwd_fn(params), config["warmup"], config["repeats"])
@@ -327,8 +329,8 @@ def train(config: dict, machine: dict) -> dict:
 
     _, adamw = _timed(lambda: update(grads, state.opt_state, state.params), config["warmup"], config["repeats"])
     del grads
-    step_fn = make_train_step(ml_collections.ConfigDict({"model": cfg.to_dict()}), model, optimizer, mesh,
-                              image_positions=t["image_tokens"])
+    step_config = ml_collections.ConfigDict({"model": cfg.to_dict(), "train_step": {"text_positions": text_slots}})
+    step_fn = make_train_step(step_config, model, optimizer, mesh, image_positions=t["image_tokens"])
     carry = {"state": state}  # the step donates its state: each call continues from the previous one
 
     def one_step():
@@ -343,7 +345,8 @@ def train(config: dict, machine: dict) -> dict:
     w = jax.random.normal(key, (b["hidden"], b["intermediate"]), jnp.float32)
     matmul = jax.jit(jnp.matmul)
     train_shape = 2 * a.size * w.shape[1] / _best(lambda: matmul(a, w), 5) / 1e9
-    flops = train_step_flops(cfg, rows, seq, image_targets=t["image_tokens"], image_positions=t["image_tokens"])
+    flops = train_step_flops(cfg, rows, seq, image_targets=t["image_tokens"], image_positions=t["image_tokens"],
+                             text_positions=text_slots)
     peak = machine["matmul_f32_gflops"]
     fb_gflops, step_gflops = flops["model"] / fwd_bwd / 1e9, flops["model"] / step / 1e9
     return {"fwd_bwd_median_s": fwd_bwd, "step_median_s": step, "tokens_per_s": rows * seq / step,

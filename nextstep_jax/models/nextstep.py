@@ -117,7 +117,7 @@ class NextStep(nn.Module):
     # ------------------------------------------------------------------------------------------- loss
     def loss(self, input_ids, labels, image_tokens=None, image_loss_mask=None, attention_mask_2d=None,
              segment_ids=None, positions=None, *, rng=None, fm_noise=None, fm_u=None, totals=None,
-             image_positions: int | None = None):
+             image_positions: int | None = None, text_positions: int | None = None):
         """Joint loss ``lm_loss_weight·CE + im_loss_weight·FM`` -> (loss, metrics).
 
         Position i predicts token i+1: LM cross-entropy where token i+1 is text and ``labels[i+1]`` !=
@@ -125,10 +125,12 @@ class NextStep(nn.Module):
         weight ``image_loss_mask[i+1]`` (default 1). Pairs that straddle two packed documents are skipped.
         An empty LM or FM selection contributes 0 (text-only and image-only batches are both valid).
 
-        The LM head runs on every position with zero weight where a pair does not count. The FM head runs on
-        ``image_positions`` slots per row: each row's image targets gathered in order (a static bound the
-        caller guarantees, e.g. the data pipeline's image slots x tokens per image; None: every position with
-        zero weight elsewhere). Either way the batch stays sharded (nothing is gathered across rows). Each head
+        The FM head runs on ``image_positions`` slots per row: each row's image targets gathered in order (a
+        static bound the caller guarantees, e.g. the data pipeline's image slots x tokens per image; None: every
+        position with zero weight elsewhere). The LM head runs on ``text_positions`` slots per row the same way
+        when every row's text targets fit (a bound nothing guarantees: when a row has more, the LM head runs on
+        every position instead; both programs are compiled and give the same loss), else on every position.
+        Either way the batch stays sharded (nothing is gathered across rows). Each head
         walks its positions in chunks of ``loss_chunk_size``, rematerialised when there are several, so the
         vocabulary logits and head activations of one chunk exist at a time.
 
@@ -148,12 +150,13 @@ class NextStep(nn.Module):
         hidden = self(input_ids, inputs, attention_mask_2d, segment_ids, positions)
         pairs = _loss_pairs(cfg, input_ids, labels, image_loss_mask, attention_mask_2d, segment_ids)
         lm = {"hidden": hidden, "target": pairs["lm_target"], "weight": pairs["lm_weight"]}
-        sums = {"lm": _chunked_sum(self, _lm_chunk, lm, cfg.loss_chunk_size), "fm": jnp.float32(0.0)}
+        lm_sum, lm_gathered = _lm_sum(self, lm, text_positions)
+        sums = {"lm": lm_sum, "fm": jnp.float32(0.0)}
         with_images = image_tokens is not None
         if with_images:
             fm = {"hidden": hidden, **_fm_inputs(cfg, image_tokens, pairs, rng, fm_noise, fm_u)}
             if image_positions is not None and image_positions < hidden.shape[1]:
-                fm = _gather_image_targets(fm, pairs["is_image"], image_positions)
+                fm = _gather_targets(fm, pairs["is_image"], image_positions)
             sums["fm"] = _chunked_sum(self, _fm_chunk, fm, cfg.loss_chunk_size)
         counts = {"lm_tokens": jnp.sum(pairs["lm_weight"]),
                   "image_tokens": jnp.sum(fm["weight"]) if with_images else jnp.float32(0.0)}
@@ -162,7 +165,7 @@ class NextStep(nn.Module):
         lm_loss = sums["lm"] / jnp.maximum(counts["lm_tokens"], 1.0)
         im_loss = sums["fm"] / (cfg.fm_head_batch_mul * counts["image_tokens"] + 1e-8)
         loss = cfg.lm_loss_weight * lm_loss + cfg.im_loss_weight * im_loss
-        return loss, {"loss": loss, "lm_loss": lm_loss, "im_loss": im_loss, **counts}
+        return loss, {"loss": loss, "lm_loss": lm_loss, "im_loss": im_loss, "lm_gathered": lm_gathered, **counts}
 
 
 def loss_counts(cfg, input_ids, labels, image_loss_mask=None, attention_mask_2d=None, segment_ids=None,
@@ -264,15 +267,28 @@ def _row_keys(rng: jax.Array, rows: int) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(rows))
 
 
-def _gather_image_targets(fm: dict, is_image: jnp.ndarray, slots: int) -> dict:
-    """Each row's first ``slots`` image targets in position order -> [B, slots, ...]; slots past a row's
-    targets get weight 0. A per-row gather: rows stay where they are."""
-    order = jnp.argsort(~is_image, axis=1, stable=True)[:, :slots]
-    filled = jnp.take_along_axis(is_image, order, axis=1)
+def _gather_targets(xs: dict, selected: jnp.ndarray, slots: int) -> dict:
+    """Each row's first ``slots`` selected positions in order -> [B, slots, ...]; slots past a row's
+    selection get weight 0. A per-row gather: rows stay where they are."""
+    order = jnp.argsort(~selected, axis=1, stable=True)[:, :slots]
+    filled = jnp.take_along_axis(selected, order, axis=1)
     gathered = {k: jnp.take_along_axis(v, order.reshape(*order.shape, *([1] * (v.ndim - 2))), axis=1)
-                for k, v in fm.items()}
+                for k, v in xs.items()}
     gathered["weight"] = jnp.where(filled, gathered["weight"], 0.0)
     return gathered
+
+
+def _lm_sum(model: "NextStep", lm: dict, slots: int | None) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The LM loss sum, on ``slots`` gathered text targets per row when every row's fit, else everywhere;
+    and 1.0 when it was gathered."""
+    chunk = model.cfg.loss_chunk_size
+    everywhere = lambda mdl, xs: _chunked_sum(mdl, _lm_chunk, xs, chunk)
+    if slots is None or slots >= lm["hidden"].shape[1]:
+        return everywhere(model, lm), jnp.float32(0.0)
+    is_text = lm["weight"] > 0
+    fits = jnp.max(jnp.sum(is_text, axis=1)) <= slots
+    gathered = lambda mdl, xs: _chunked_sum(mdl, _lm_chunk, _gather_targets(xs, is_text, slots), chunk)
+    return nn.cond(fits, gathered, everywhere, model, lm), fits.astype(jnp.float32)
 
 
 def _lm_chunk(model: "NextStep", xs: dict) -> jnp.ndarray:

@@ -35,7 +35,8 @@ from nextstep_jax.training.distributed import say
 from nextstep_jax.training.state import TrainState, abstract_train_state
 
 NONFINITE_MODES = ("skip", "stop")
-METRICS = ("loss", "lm_loss", "im_loss", "lm_tokens", "image_tokens", "grad_norm", "nonfinite", "skipped")
+METRICS = ("loss", "lm_loss", "im_loss", "lm_tokens", "image_tokens", "lm_gathered", "grad_norm", "nonfinite",
+           "skipped")
 _FM_STREAM, _VAE_STREAM = 0, 1
 BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions", "image_loss_mask", "image_tokens", "images",
               "image_slots")
@@ -46,6 +47,10 @@ def train_step_config(**overrides: Any) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(dict(
         microbatches=1,  # gradient accumulation: the global batch is processed in this many slices
         nonfinite="skip",  # skip | stop: what the trainer does after a step with a non-finite loss/gradient
+        # LM head slots per row (0: every position): each row's text targets gathered into this many, a speed
+        # hint for data whose rows hold at most that many; a batch with a row over it runs the LM head on every
+        # position (both paths are compiled), so the loss is the same either way.
+        text_positions=0,
     ))
     cfg.update(overrides)
     return cfg
@@ -58,6 +63,8 @@ def _step_options(config) -> ml_collections.ConfigDict:
         raise ValueError(f"train_step.nonfinite={options.nonfinite!r}: expected one of {NONFINITE_MODES}")
     if options.microbatches < 1:
         raise ValueError(f"train_step.microbatches={options.microbatches} must be >= 1")
+    if options.text_positions < 0:
+        raise ValueError(f"train_step.text_positions={options.text_positions} must be >= 0 (0: every position)")
     return options
 
 
@@ -103,9 +110,7 @@ def make_train_step(config, model: NextStep, optimizer: optax.GradientTransforma
     The flow-matching head runs on a row's image targets only, gathered into a static number of slots: for
     pixel batches the row's image slots x tokens per image (the packer never places more); for token batches
     ``image_positions`` when the caller knows a bound on the image targets of any row, else every position.
-    With microbatches it runs on every position: inside the accumulation scan on a mesh the gathered loss
-    came out wrong (0.3% off the single-device value on data=2, fsdp=2, tensor=2), a partitioner problem
-    not yet understood.
+    The LM head runs on ``train_step.text_positions`` gathered slots when set and every row fits.
     """
     options = _step_options(config)
     validate_mesh(config, mesh, rules)
@@ -123,13 +128,12 @@ def make_train_step(config, model: NextStep, optimizer: optax.GradientTransforma
             slots = pixel_image_positions(vae.cfg, batch["images"].shape, cfg.latent_patch_size)
         else:
             image_tokens, slots = batch.get("image_tokens"), image_positions
-        if microbatches > 1:
-            slots = None
+        text_slots = int(options.text_positions) or None
         fm_keys = jax.vmap(lambda key: jax.random.fold_in(key, _FM_STREAM))(row_keys)
         return model.apply({"params": params}, batch["input_ids"], batch["labels"], image_tokens,
                            batch.get("image_loss_mask"), segment_ids=batch.get("segment_ids"),
                            positions=batch.get("positions"), rng=fm_keys, totals=totals, image_positions=slots,
-                           method=NextStep.loss)
+                           text_positions=text_slots, method=NextStep.loss)
 
     grad_fn = jax.value_and_grad(model_loss, has_aux=True)
 
@@ -153,10 +157,10 @@ def make_train_step(config, model: NextStep, optimizer: optax.GradientTransforma
 
         zeros = jax.lax.with_sharding_constraint(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
                                                  state_sharding.params)
-        sums = {k: jnp.float32(0.0) for k in ("loss", "lm_loss", "im_loss")}
+        sums = {k: jnp.float32(0.0) for k in ("loss", "lm_loss", "im_loss", "lm_gathered")}
         (grads, sums), _ = jax.lax.scan(body, (zeros, sums),
                                         {"batch": jax.tree.map(split, batch), "keys": split(row_keys)})
-        return {**sums, **totals}, grads
+        return {**sums, "lm_gathered": sums["lm_gathered"] / microbatches, **totals}, grads
 
     def step(state: TrainState, batch, vae_params=None):
         rows = batch["input_ids"].shape[0]

@@ -215,3 +215,38 @@ def test_input_noise_ramps_over_each_image_and_spares_the_targets(golden_model, 
     with pytest.raises(ValueError, match="noise_strength=0.7 needs `rng`"):
         NextStep(cfg).apply(variables, ids, labels, tokens, mask, fm_noise=jnp.asarray(case[f"{prefix}_noise"]),
                             fm_u=jnp.asarray(case[f"{prefix}_u"]), method=NextStep.loss)
+
+
+@pytest.mark.parametrize("prefix", ["g1", "g2"])
+def test_text_targets_gathered_per_row_match_every_position(golden_model, load_case, prefix):
+    """The LM head on each row's text targets gathered into ``text_positions`` slots gives the golden loss and
+    the gradients of the head on every position: with exactly the most any row holds (gathered), in several
+    chunks, and with one slot too few (then it runs on every position, and says so)."""
+    case = load_case("g_train_loss")
+    cfg, variables = golden_model(loss_uses_out_projector=False)
+    inputs = _golden_training_inputs(cfg, case, prefix)
+    counts = loss_counts(cfg, *inputs[:2], image_loss_mask=inputs[3], with_images=True)
+    ids, labels = np.asarray(inputs[0]), np.asarray(inputs[1])
+    text = (np.roll(ids, -1, axis=1) != cfg.image_placeholder_id) & (np.roll(labels, -1, axis=1) != IGNORE_INDEX)
+    most = int(text[:, :-1].sum(1).max())
+    assert 0 < most < ids.shape[1] - 1
+    results = {}
+    for slots, chunk in ((None, 1024), (most, 1024), (most + 2, 3), (most - 1, 1024)):
+        model = NextStep(replace(cfg, loss_chunk_size=chunk))
+
+        def loss_fn(v):
+            return model.apply(v, *inputs, text_positions=slots, fm_noise=jnp.asarray(case[f"{prefix}_noise"]),
+                               fm_u=jnp.asarray(case[f"{prefix}_u"]), method=NextStep.loss)
+
+        with jax.default_matmul_precision("highest"):
+            results[slots, chunk] = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables)
+    (_, full), full_grads = results[None, 1024]
+    for name in ("loss", "lm_loss", "im_loss"):
+        assert_close_rel(full[name], case[f"{prefix}_{name}"], 1e-4, f"every position {name}")
+    for (slots, chunk), ((_, metrics), grads) in results.items():
+        assert float(metrics["lm_gathered"]) == float(slots is not None and slots >= most), (slots, chunk)
+        assert float(metrics["lm_tokens"]) == float(counts["lm_tokens"]) == text[:, :-1].sum()
+        for name in ("loss", "lm_loss", "im_loss"):
+            assert_close_rel(metrics[name], full[name], 1e-6, f"slots {slots} chunk {chunk} {name}")
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads)):
+            assert_close_rel(a, b, 1e-5, f"slots {slots} chunk {chunk} grads")

@@ -53,11 +53,19 @@ def _batch(cfg, rows, length, seed):
 IMAGE_SLOTS = 6
 
 
-def _full_config(cfg, mesh_shape, microbatches=1):
+def text_slots(cfg, batch) -> int:
+    """The most text targets a row of ``batch`` holds (the LM head's gathered slots, none to spare)."""
+    ids, seg = batch["input_ids"], batch["segment_ids"]
+    text = ((np.roll(ids, -1, 1) != cfg.image_placeholder_id) & (np.roll(batch["labels"], -1, 1) != -100)
+            & (np.roll(seg, -1, 1) == seg))
+    return int(text[:, :-1].sum(1).max())
+
+
+def _full_config(cfg, mesh_shape, microbatches, text_positions):
     import ml_collections
 
-    return ml_collections.ConfigDict({"model": cfg.to_dict(), "train_step": {"microbatches": microbatches},
-                                      "mesh": mesh_shape})
+    return ml_collections.ConfigDict({"model": cfg.to_dict(), "mesh": mesh_shape, "train_step": {
+        "microbatches": microbatches, "text_positions": text_positions}})
 
 
 def _rel_errors(got, ref):
@@ -88,9 +96,10 @@ def _run(cfg, params, batch, mesh, microbatches=1):
 
         loss, grads = jax.jit(jax.value_and_grad(loss_fn), out_shardings=(None, shardings))(sharded, sbatch)
         lowered_forward = jax.jit(lambda p, i: model.apply({"params": p}, i)).lower(sharded, sbatch["input_ids"])
-    # The step's FM head on each row's image targets gathered into IMAGE_SLOTS slots (4 targets, 2 empty).
-    step = make_train_step(_full_config(cfg, dict(mesh.shape), microbatches), model, optimizer, mesh,
-                           image_positions=IMAGE_SLOTS)
+    # The step's FM head on each row's image targets gathered into IMAGE_SLOTS slots (4 targets, 2 empty), its
+    # LM head on the text targets gathered into text_slots.
+    step = make_train_step(_full_config(cfg, dict(mesh.shape), microbatches, text_slots(cfg, batch)),
+                           model, optimizer, mesh, image_positions=IMAGE_SLOTS)
     state = init_train_state(cfg, optimizer, mesh, params=sharded)
     lowered_step = step.lower(state, sbatch)
     state, metrics = step(state, sbatch)
@@ -140,14 +149,14 @@ def main(golden_model_dir: str) -> None:
     report = {"meshes": [], "kv_heads": cfg.num_kv_heads}
     for shape in meshes(cfg):
         r = _run(cfg, params, batch, _mesh(shape))
-        metrics = ("loss", "lm_loss", "im_loss", "grad_norm")
+        metrics = ("loss", "lm_loss", "im_loss", "grad_norm", "lm_gathered")
         report["meshes"].append({
             "mesh": shape, "loss": [float(r["loss"]), float(ref["loss"])],
             "grad_err": _rel_errors(r["grads"], ref["grads"]),
             "step_metrics_err": _rel_errors({k: r["metrics"][k] for k in metrics},
                                             {k: ref["metrics"][k] for k in metrics}),
             "updated_params_err": _rel_errors(r["params"], ref["params"]),
-            "update_size": _rel_errors(r["params"], params),
+            "lm_gathered": float(r["metrics"]["lm_gathered"]), "update_size": _rel_errors(r["params"], params),
             "forward_constraints": r["forward_constraints"], "step_constraints": r["step_constraints"]})
     # Both heads in chunks of 4 positions (32 rows each) on (2, 2, 2): the shapes at which XLA's SPMD pass
     # once miscompiled the FM head's mlp_2 (see fm_head.ResBlock.modulated).

@@ -38,6 +38,7 @@ def test_meshes_match_one_device(report):
         # Per tensor, relative to that tensor's largest value.
         assert m["grad_err"] <= 1e-4 and m["step_metrics_err"] <= 1e-5, m
         assert m["updated_params_err"] <= 1e-4 < m["update_size"], m
+        assert m["lm_gathered"] == 1.0, m  # the step's LM head ran on the gathered text targets
     chunked = report["chunked"]
     assert chunked["loss"][0] == pytest.approx(chunked["loss"][1], rel=1e-5), chunked
     assert chunked["grad_err"] <= 1e-4 and chunked["updated_params_err"] <= 1e-4, chunked

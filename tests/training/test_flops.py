@@ -7,9 +7,10 @@ from nextstep_jax.configs import replace
 from nextstep_jax.training.flops import train_step_flops
 
 
-def _closed_form(m, batch, seq, targets, slots, lm_positions=None, images=True):
+def _closed_form(m, batch, seq, targets, slots, lm_positions=None, images=True, text_slots=None):
     """(model, hardware) FLOPs: ``targets`` image targets per row, the FM head on ``slots`` per row, the LM
-    head's useful work on ``lm_positions`` (default: the positions that are not image targets)."""
+    head's useful work on ``lm_positions`` (default: the positions that are not image targets) and its run on
+    ``text_slots`` (default: every position)."""
     e, h, kv, d, i, v, layers = (m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim, m.intermediate_size,
                                  m.vocab_size, m.num_layers)
     tok = m.latent_channels * m.latent_patch_size ** 2
@@ -21,10 +22,11 @@ def _closed_form(m, batch, seq, targets, slots, lm_positions=None, images=True):
     lm, image = 2 * e * v, 2 * (e * e + e * dim) + 2 * m.fm_head_batch_mul * head_copy
     image_in = 2 * tok * e
     lm_positions = seq - targets if lm_positions is None else lm_positions
+    text_slots = seq if text_slots is None else text_slots
     useful = ((matmuls + dense_attention / 2) * seq + lm * lm_positions + (image + image_in) * targets)
-    run = (matmuls + dense_attention) * seq + lm * seq + image * slots + image_in * seq * images
+    run = (matmuls + dense_attention) * seq + lm * text_slots + image * slots + image_in * seq * images
     recompute = (matmuls + dense_attention) * seq if m.remat_policy != "none" else 0
-    recompute += lm * seq * (seq > m.loss_chunk_size) + image * slots * (slots > m.loss_chunk_size)
+    recompute += lm * text_slots * (text_slots > m.loss_chunk_size) + image * slots * (slots > m.loss_chunk_size)
     return 3 * useful * batch, (3 * run + recompute) * batch
 
 
@@ -38,6 +40,10 @@ def test_train_step_flops_closed_form(name, remat):
         assert got["model"] == pytest.approx(model_flops, rel=1e-12)
         assert got["hardware"] == pytest.approx(hardware, rel=1e-12)
         assert got["tokens"] == 4 * 512
+    for text_slots in (200, 412):  # the LM head on gathered text targets, in one chunk, then in two
+        _, hardware = _closed_form(model, 4, 512, 100, 128, text_slots=text_slots)
+        got = train_step_flops(model, 4, 512, image_targets=100, image_positions=128, text_positions=text_slots)
+        assert got["hardware"] == pytest.approx(hardware, rel=1e-12)
 
 
 def test_without_bounds_every_position_counts_for_both_heads():
