@@ -137,6 +137,8 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
             num_epochs=None,  # None = repeat forever (training); 1 = one pass (evaluation)
             num_workers=0,
             worker_buffer_size=2,
+            # packed batches a background thread prepares while the step runs, when num_workers is 0 (0: none)
+            prefetch_batches=2,
             read_threads=2,
             read_buffer_size=16,
             # A tokenizer folder or file, or "builtin:bytes"; None: the tokenizer that ships with the model.

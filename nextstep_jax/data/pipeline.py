@@ -13,7 +13,8 @@ deterministic ``MapDataset.mix``; the official trainer instead draws a dataset p
 ``num_epochs=None`` repeats forever (training); ``num_epochs=1`` is one pass (evaluation, counting).
 ``num_workers > 0`` runs everything up to the packed batch in Grain worker processes; the program must
 then parse absl flags (``absl.app.run`` or ``flags.FLAGS.mark_as_parsed()``) and guard
-``if __name__ == "__main__"``. The state restores exactly for an unchanged ``num_workers``.
+``if __name__ == "__main__"``. The state restores exactly for an unchanged ``num_workers``. Otherwise a thread
+packs ``prefetch_batches`` batches ahead while the step runs.
 
 The iterator is a ``grain.DatasetIterator``, so Orbax saves it with
 ``grain.checkpoint.CheckpointSave(iterator)`` / ``CheckpointRestore(iterator)``; the state includes the
@@ -72,6 +73,7 @@ class DataConfig:
     num_epochs: int | None = _SECTION.num_epochs
     num_workers: int = _SECTION.num_workers
     worker_buffer_size: int = _SECTION.worker_buffer_size
+    prefetch_batches: int = _SECTION.prefetch_batches
     read_threads: int = _SECTION.read_threads
     read_buffer_size: int = _SECTION.read_buffer_size
     shard_index: int | None = None  # None: jax.process_index()
@@ -217,6 +219,10 @@ def make_dataset(config: DataConfig, datasets: Sequence[DatasetSpec], tokenizer)
     if config.num_workers > 0:
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer_size))
+    elif config.prefetch_batches > 0:
+        # Packing runs in a thread beside the step instead of between steps; each batch carries the state after
+        # it, so a checkpoint holds the position of the last batch taken, not of the ones prepared ahead.
+        batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=config.prefetch_batches)
     return batches
 
 
