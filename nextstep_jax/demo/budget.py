@@ -24,7 +24,7 @@ class Budget:
 
 
 FULL = Budget(image_size=48, tokenizer_captions=20_000, vocab_size=128, latent_images=20_000, eval_prompts=200,
-              novel_prompts=100, grid_eval=20, grid_novel=4, vae=("total_steps=1600",))
+              novel_prompts=100, grid_eval=20, grid_novel=4, vae=("total_steps=1400",))
 
 MINIATURE = Budget(
     image_size=32, tokenizer_captions=500, vocab_size=128, latent_images=64, eval_prompts=5, novel_prompts=5,
