@@ -15,6 +15,7 @@ instead of 16 at 64 px) scored as well as 64 px ones at the same step count in 6
 twice the steps (0.63 against 0.37 in the same 15 minutes). Later: 192-token rows hold the same 8 documents as
 256-token ones at 6% padding instead of 30%, for a step about a quarter shorter, and the official trainer's
 input-token noise, which did nothing at 1,000 steps, lifts the 6,000-step model (0.49 without it, 0.57 at 0.3).
+5,000 steps (and a 1,400-step VAE) keep the demo within 20 minutes on the slower of the project's hosts.
 """
 
 import ml_collections

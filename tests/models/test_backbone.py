@@ -9,7 +9,7 @@ from flax import linen as nn
 
 from nextstep_jax.checkpoint.mapping import nextstep_table, params_from_tensors, tensors_from_params
 from nextstep_jax.models.backbone import init_cache
-from nextstep_jax.models.nextstep import NextStep, init_variables
+from nextstep_jax.models.nextstep import NextStep, init_variables, token_dim
 from numerics import assert_close_rel
 
 
@@ -104,7 +104,7 @@ def test_remat_keeps_loss_and_gradients(tiny, policy):
     rng = np.random.default_rng(3)
     ids = np.array(_ids(cfg, rng, (2, 10)))
     ids[:, 4:8] = cfg.image_placeholder_id
-    tokens = jnp.asarray(rng.standard_normal((2, 10, 64)), jnp.float32)
+    tokens = jnp.asarray(rng.standard_normal((2, 10, token_dim(cfg))), jnp.float32)
     labels = jnp.asarray(np.where(ids == cfg.image_placeholder_id, -100, ids))
 
     def grads(c):

@@ -9,7 +9,7 @@ import pytest
 
 from golden_inputs import image_loss_mask, image_tokens
 from nextstep_jax.configs import replace
-from nextstep_jax.models.nextstep import IGNORE_INDEX, NextStep, loss_counts
+from nextstep_jax.models.nextstep import IGNORE_INDEX, NextStep, loss_counts, token_dim
 from numerics import assert_close_rel
 
 
@@ -72,7 +72,7 @@ def test_image_only_batch_has_zero_lm_loss(model):
     ids = np.full((1, 6), cfg.image_placeholder_id, np.int32)
     ids[0, 0] = cfg.boi
     labels = np.full_like(ids, IGNORE_INDEX)
-    tokens = np.random.default_rng(2).standard_normal((1, 6, 64)).astype(np.float32)
+    tokens = np.random.default_rng(2).standard_normal((1, 6, token_dim(cfg))).astype(np.float32)
     loss, metrics = m.apply(variables, jnp.asarray(ids), jnp.asarray(labels), jnp.asarray(tokens),
                             rng=jax.random.key(0), method=NextStep.loss)
     assert float(metrics["lm_loss"]) == 0.0 and float(metrics["image_tokens"]) == 5
@@ -119,7 +119,7 @@ def test_rows_with_their_own_keys_add_up(golden_model):
     ids = rng.integers(0, cfg.boi, (3, 10)).astype(np.int32)
     ids[:, 3:7] = cfg.image_placeholder_id
     labels = np.where(ids == cfg.image_placeholder_id, IGNORE_INDEX, ids)
-    tokens = rng.standard_normal((3, 10, 64)).astype(np.float32)
+    tokens = rng.standard_normal((3, 10, token_dim(cfg))).astype(np.float32)
     keys = jax.random.split(jax.random.key(9), 3)
     totals = loss_counts(cfg, jnp.asarray(ids), jnp.asarray(labels))
     with jax.default_matmul_precision("highest"):
