@@ -10,12 +10,12 @@ count the useful work, as the official trainer does it (it gathers each head's p
   (``image_targets`` per row; without it, every position counts for both heads): the in- and out-projectors
   and the head's condition embedding once, the rest of the flow-matching head ``fm_head_batch_mul`` times.
 
-``hardware`` FLOPs are what the step runs: attention dense over all T keys (the masked half is computed
-too), the LM head on ``text_positions`` gathered slots per row (every position when None, where
-``NextStep.loss`` weights the image targets zero), the in-projector on every position, the rest of the image path on ``image_positions`` slots per row (every position when None), and what
-rematerialisation recomputes: one more forward of the layers under a remat policy (exact for "full", an upper
-bound for the others) and of a loss head that runs in several chunks. The frozen VAE encoder of pixel
-batches and elementwise work are not counted.
+``hardware`` FLOPs are what the step runs: attention dense over all T keys (the masked half is computed too), the
+LM head on ``text_positions`` gathered slots per row (every position when None, where ``NextStep.loss`` weights
+the image targets zero), the in-projector on every position, the rest of the image path on ``image_positions``
+slots per row (every position when None), and what rematerialisation recomputes: one more forward of the layers
+under a remat policy (exact for "full", an upper bound for the others) and of a loss head that runs in several
+chunks. The frozen VAE encoder of pixel batches and elementwise work are not counted.
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ def train_step_flops(model_cfg, batch_size: int, seq_len: int, with_images: bool
                      image_targets: float | None = None, image_positions: int | None = None,
                      text_positions: int | None = None) -> dict[str, float]:
     """``model`` (useful) and ``hardware`` (run) FLOPs of one step over ``batch_size`` rows of ``seq_len``
-    tokens; ``image_targets``, ``image_positions`` and ``text_positions`` are per row (see the module docstring). An array of
-    ``image_targets`` gives an array of counts, one per entry."""
+    tokens; ``image_targets``, ``image_positions`` and ``text_positions`` are per row (see the module
+    docstring). An array of ``image_targets`` gives an array of counts, one per entry."""
     part = forward_flops(model_cfg, seq_len)
     image_positions = seq_len if image_positions is None else min(image_positions, seq_len)
     text_positions = seq_len if text_positions is None else min(text_positions, seq_len)
@@ -67,10 +67,11 @@ def train_step_flops(model_cfg, batch_size: int, seq_len: int, with_images: bool
     layers = (part["layers"] + part["attention"]) * seq_len
     useful = ((part["layers"] + part["attention"] / 2) * seq_len + part["lm_head"] * lm_positions
               + (part["image_path"] + part["image_in"]) * image_targets)
-    heads = part["lm_head"] * text_positions + part["image_path"] * image_positions + part["image_in"] * seq_len * with_images
+    heads = (part["lm_head"] * text_positions + part["image_path"] * image_positions
+             + part["image_in"] * seq_len * with_images)
     recompute = layers if model_cfg.remat_policy != "none" else 0.0
     chunk = model_cfg.loss_chunk_size
-    recompute += part["lm_head"] * text_positions * (text_positions > chunk) + part["image_path"] * image_positions * (
-        image_positions > chunk)
+    recompute += (part["lm_head"] * text_positions * (text_positions > chunk)
+                  + part["image_path"] * image_positions * (image_positions > chunk))
     return {"model": 3 * useful * batch_size, "hardware": (3 * (layers + heads) + recompute) * batch_size,
             "tokens": float(batch_size * seq_len)}
