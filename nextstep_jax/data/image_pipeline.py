@@ -78,7 +78,8 @@ class ImageDataConfig:
 
 def open_source(spec: DatasetSpec, image_size: int):
     if spec.source == SHAPES:
-        return ShapesSource(ShapesConfig(size=image_size, seed=spec.shapes_seed, split=spec.split), spec.num_samples)
+        return ShapesSource(ShapesConfig(size=image_size, seed=spec.shapes_seed, split=spec.split,
+                                         caption_order_grid=spec.shapes_caption_order_grid), spec.num_samples)
     return RecordSource(spec.source)
 
 

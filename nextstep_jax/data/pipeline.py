@@ -47,6 +47,7 @@ class DatasetSpec:
     split: str = "train"  # shapes only
     num_samples: int = 100_000  # shapes only
     shapes_seed: int = 0  # shapes only: which synthetic dataset (the pipeline seed only orders it)
+    shapes_caption_order_grid: int = 0  # shapes only: ShapesConfig.caption_order_grid (0: as sampled)
 
 
 _SECTION, _MODEL = data_config(), model_config()  # defaults of the config's data and model sections
@@ -267,8 +268,8 @@ def _open_source(spec: DatasetSpec, config: DataConfig):
     if spec.source == SHAPES:
         if config.image_input != "pixels":
             raise ValueError("the shapes source renders pixels; cache latents to records for image_input='latents'")
-        return ShapesSource(ShapesConfig(size=config.image_size, seed=spec.shapes_seed, split=spec.split),
-                            spec.num_samples)
+        return ShapesSource(ShapesConfig(size=config.image_size, seed=spec.shapes_seed, split=spec.split,
+                                         caption_order_grid=spec.shapes_caption_order_grid), spec.num_samples)
     return RecordSource(spec.source)
 
 

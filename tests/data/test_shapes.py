@@ -114,6 +114,29 @@ def test_category_weights_and_validation():
         ShapesConfig(split="test")
 
 
+@pytest.mark.parametrize("grid", [16, 24])
+def test_caption_order_grid_names_the_first_drawn_object_first(grid):
+    weights = (0, 0, 0, 1, 1)  # two objects and relations
+    plain = _samples(ShapesConfig(size=48, category_weights=weights), 60)
+    ordered = _samples(ShapesConfig(size=48, category_weights=weights, caption_order_grid=grid), 60)
+    swapped = 0
+    for a, b in zip(plain, ordered):
+        np.testing.assert_array_equal(a.image, b.image)  # same picture, same objects
+        assert sorted(a.objects, key=repr) == sorted(b.objects, key=repr)
+        if a.claim.category == "relation":
+            assert b.caption == a.caption
+            continue
+        assert b.claim.objects == tuple((o.color, o.shape) for o in b.objects)
+        # The first named object's top-left corner lies in a cell no later in raster order than the second's.
+        cells = [(o.y0 // grid) * 48 + o.x0 // grid for o in b.objects]
+        assert cells[0] <= cells[1], (b.caption, b.objects)
+        swapped += b.caption != a.caption
+        assert set(parse_caption(b.caption).objects) == set(a.claim.objects)
+    assert 0 < swapped < 60
+    with pytest.raises(ValueError, match="caption_order_grid"):
+        ShapesConfig(caption_order_grid=-1)
+
+
 def test_source_yields_t2i_samples():
     source = ShapesSource(ShapesConfig(size=32, seed=1), num_samples=5)
     assert len(source) == 5
