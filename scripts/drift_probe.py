@@ -6,8 +6,11 @@ For each of the first ``--prompts`` held-out images of ``--split``, the first k 
 tokens of that image and the model draws the others one by one after them, with its stored sampling settings
 (k = 0: the model draws every token, as ``sample`` does; k = all: nothing is drawn, the VAE's reconstruction).
 ``--teacher-forced`` also draws every token from the true tokens before it: the quality of one token when no
-error has accumulated. One JSON line per measurement on stdout. Each drawn token reruns the whole prefix (no KV
-cache): slow, but the same math as the generation program, and simple enough to trust.
+error has accumulated. ``--token-noise`` decodes the true tokens with Gaussian noise of each given standard
+deviation added (in the model's token units, which the VAE's per-token norm keeps at unit variance) and no
+model at all: how much token error the decoder tolerates. One JSON line per measurement on stdout. Each drawn
+token reruns the whole prefix (no KV cache): slow, but the same math as the generation program, and simple
+enough to trust.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ def main(argv=None) -> None:
     parser.add_argument("--prompts", type=int, default=100)
     parser.add_argument("--given", default="0", help="comma-separated k: true tokens before the drawn ones")
     parser.add_argument("--teacher-forced", action="store_true")
+    parser.add_argument("--token-noise", default="", help="comma-separated noise stds added to the true tokens")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -95,6 +99,9 @@ def main(argv=None) -> None:
         c = conditions(true_tokens)
         drawn = draw(c.reshape(mult * n * m, -1), jax.random.fold_in(key, m)).reshape(n, m, dim)
         print(json.dumps({"teacher_forced": True, "mini_geneval": score(drawn)}), flush=True)
+    noise = jax.random.normal(jax.random.fold_in(key, m + 1), true_tokens.shape)
+    for std in (float(s) for s in args.token_noise.split(",") if s):
+        print(json.dumps({"token_noise": std, "mini_geneval": score(true_tokens + std * noise)}), flush=True)
 
 
 if __name__ == "__main__":

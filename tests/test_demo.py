@@ -150,12 +150,15 @@ def test_drift_probe_with_every_token_given_scores_the_ceiling(finished):
     demo = Demo(finished, MINIATURE)
     report = json.loads((finished / "report.json").read_text())
     proc = subprocess.run([sys.executable, "scripts/drift_probe.py", "--model", str(finished / "model"),
-                           "--prompts", str(demo.num_prompts("eval")), "--given", "0,1000", "--teacher-forced"],
+                           "--prompts", str(demo.num_prompts("eval")), "--given", "0,1000", "--teacher-forced",
+                           "--token-noise", "0,0.5"],
                           cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert [line.get("given") for line in lines] == [0, 1000, None] and lines[2]["teacher_forced"]
+    assert [line.get("given") for line in lines] == [0, 1000, None, None, None] and lines[2]["teacher_forced"]
+    assert [line.get("token_noise") for line in lines[3:]] == [0.0, 0.5]
     tokens = lines[0]["drawn"]
     assert tokens == (MINIATURE.image_size // PIXELS_PER_TOKEN) ** 2 and lines[1]["drawn"] == 0
-    assert lines[1]["mini_geneval"] == pytest.approx(report["ceiling"]["eval"]["overall"], abs=1e-4)
+    for unchanged in (lines[1], lines[3]):  # every token the VAE's own, noise 0: the reconstructions
+        assert unchanged["mini_geneval"] == pytest.approx(report["ceiling"]["eval"]["overall"], abs=1e-4)
     assert all(0.0 <= line["mini_geneval"] <= 1.0 for line in lines)
