@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.numpy import load_file
 
 from nextstep_jax.data.buckets import PIXELS_PER_TOKEN
 from nextstep_jax.data.scorer import evaluate
@@ -68,7 +69,7 @@ def test_every_stage_writes_its_output(finished):
     assert 0.0 <= report["geneval"]["novel"]["overall"] <= 1.0 and np.isfinite(report["vae"]["psnr_db"])
     assert report["elapsed_s"] > 0 and set(report["stages"]) == {s.name for s in STAGES} | {"report"}
     assert report["stages"]["nextstep"]["steps"] == 300 and report["stages"]["floor"]["steps"] == 0
-    assert report["stages"]["vae"]["steps"] == 3
+    assert report["stages"]["vae"]["steps"] == 3 and report["stages"]["decoder"]["steps"] == 2
 
     # The samples: one PNG per prompt with the prompt in its text chunk, scored as the report says.
     for split in SPLITS:
@@ -91,7 +92,13 @@ def test_every_stage_writes_its_output(finished):
     with Image.open(finished / "grid.png") as grid:
         assert json.loads(grid.text["prompts"]) == (demo.prompts("eval")[:MINIATURE.grid_eval]
                                                     + demo.prompts("novel")[:MINIATURE.grid_novel])
-    for name in ("report.md", "curves_nextstep.png", "curves_vae.png"):
+    # The model's tokenizer: the trained encoder, bit for bit (the latents were cached with it), and the decoder
+    # the decoder stage fine-tuned.
+    trained, shipped = (load_file(f / "checkpoint.safetensors") for f in (finished / "vae" / "release", model / "vae"))
+    assert trained.keys() == shipped.keys()
+    assert all(np.array_equal(trained[k], shipped[k]) for k in trained if k.startswith("encoder."))
+    assert any(not np.array_equal(trained[k], shipped[k]) for k in trained if k.startswith("decoder."))
+    for name in ("report.md", "curves_nextstep.png", "curves_vae.png", "curves_decoder.png"):
         assert (finished / name).stat().st_size > 0
 
 
@@ -131,7 +138,7 @@ def test_an_interrupted_demo_resumes_to_the_same_report(finished, tmp_path):
     assert not (out / "model").exists() and not (out / "report.json").exists()
 
     resumed = _run(out)
-    for name in ("tokenizer", "vae", "latents"):
+    for name in ("tokenizer", "vae", "decoder", "latents"):
         assert f"[{name}] complete, skipped" in resumed.stderr
     assert "resuming from step" in resumed.stderr
     report = json.loads((out / "report.json").read_text())

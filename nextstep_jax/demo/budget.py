@@ -20,6 +20,7 @@ class Budget:
     grid_eval: int  # images of each split in the labelled grid
     grid_novel: int
     vae: tuple[str, ...] = ()  # "a.b=value" overrides of configs/tokenizer_shapes.py
+    decoder: tuple[str, ...] = ()  # of configs/tokenizer_shapes_decoder.py
     nextstep: tuple[str, ...] = ()  # "a.b=value" overrides of configs/demo.py
 
 
@@ -31,6 +32,8 @@ MINIATURE = Budget(
     grid_eval=4, grid_novel=2,
     vae=("total_steps=3", "eval.every_steps=0", "eval.num_images=4", "eval.batch_size=4", "eval.grid_images=2",
          "checkpoint.every_steps=2"),
+    decoder=("total_steps=2", "eval.num_images=4", "eval.batch_size=4", "eval.grid_images=2",
+             "checkpoint.every_steps=1"),
     nextstep=("total_steps=300", "checkpoint.every_steps=100", "model.hidden_size=32", "model.intermediate_size=64",
               "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1", "model.head_dim=16",
               "model.fm_head_dim=32", "model.fm_head_layers=1", "data.seq_len=64", "data.batch_size=2",

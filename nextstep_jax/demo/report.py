@@ -21,7 +21,7 @@ from nextstep_jax.io.atomic import write_file
 
 REPORT_JSON, REPORT_MD, GRID_PNG = "report.json", "report.md", "grid.png"
 CURVES = {"nextstep": ("curves_nextstep.png", "loss,im_loss,lm_loss,grad_norm"),
-          "vae": ("curves_vae.png", "loss,eval/psnr_db,eval/geneval")}
+          "vae": ("curves_vae.png", "loss,eval/psnr_db,eval/geneval"), "decoder": ("curves_decoder.png", "loss")}
 PASS, MISS = (40, 160, 60), (210, 40, 40)  # tile borders in the grid: the caption's claims hold / do not
 
 
@@ -33,8 +33,8 @@ def held_out(demo: Demo) -> dict[str, tuple[np.ndarray, list[str]]]:
 
 
 def reconstructions(demo: Demo, images: np.ndarray, split: str) -> np.ndarray:
-    """The demo VAE's reconstructions (posterior mean, no noise) of ``images``, through the VAE trainer's own
-    held-out evaluation."""
+    """The demo VAE's reconstructions (posterior mean, no noise; the fine-tuned decoder) of ``images``, through
+    the VAE trainer's own held-out evaluation."""
     import ml_collections
 
     from nextstep_jax.checkpoint import load_vae
@@ -140,10 +140,11 @@ def write_grid(demo: Demo, passed: dict[str, list[bool]]) -> Path:
 
 
 def write_curves(demo: Demo) -> list[Path]:
-    """The learning curves of both training stages, drawn by scripts/plot_metrics.py."""
+    """The learning curves of the training stages, drawn by scripts/plot_metrics.py."""
     written = []
-    for workdir, (name, keys) in ((demo.workdir("model"), CURVES["nextstep"]), (demo.vae_workdir, CURVES["vae"])):
-        metrics = workdir / "metrics.jsonl"
+    workdirs = {"nextstep": demo.workdir("model"), "vae": demo.vae_workdir, "decoder": demo.decoder_workdir}
+    for stage, (name, keys) in CURVES.items():
+        metrics = workdirs[stage] / "metrics.jsonl"
         present = [k for k in keys.split(",") if f'"{k}"' in metrics.read_text()]
         out = demo.out / name
         subprocess.run([sys.executable, str(CONFIGS.parent / "scripts" / "plot_metrics.py"), str(metrics), "-o",

@@ -15,7 +15,8 @@ from typing import Callable, NamedTuple
 from nextstep_jax.demo.budget import Budget
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-VAE_CONFIG, NEXTSTEP_CONFIG = CONFIGS / "tokenizer_shapes.py", CONFIGS / "demo.py"
+VAE_CONFIG, DECODER_CONFIG = CONFIGS / "tokenizer_shapes.py", CONFIGS / "tokenizer_shapes_decoder.py"
+NEXTSTEP_CONFIG = CONFIGS / "demo.py"
 SPLITS = ("eval", "novel")
 MODELS = ("model", "floor")  # the trained model and the untrained one (the floor), sampled the same way
 
@@ -40,8 +41,18 @@ class Demo:
         return self.out / "vae"
 
     @property
-    def vae(self) -> Path:
+    def vae_trained(self) -> Path:
+        """The VAE trained whole (stage 2), whose decoder stage 3 fine-tunes."""
         return self.out / "vae" / "release"
+
+    @property
+    def decoder_workdir(self) -> Path:
+        return self.out / "decoder"
+
+    @property
+    def vae(self) -> Path:
+        """The demo's image tokenizer: the trained encoder with the fine-tuned decoder."""
+        return self.out / "decoder" / "release"
 
     @property
     def latents(self) -> Path:
@@ -100,21 +111,37 @@ def tokenizer_done(demo: Demo) -> bool:
 # ---------------------------------------------------------------------------------------------------- 2. vae
 
 
-def train_vae(demo: Demo) -> dict:
+def vae_overrides(demo: Demo) -> list[str]:
     from nextstep_jax.configs import load_config_file
 
-    b = demo.budget
     channels = load_config_file(NEXTSTEP_CONFIG).model.latent_channels  # the demo's NextStep decides the latent
-    overrides = [f"seed={demo.seed}", f"data.seed={demo.seed}", f"data.image_size={b.image_size}",
-                 f"vae.z_channels={channels}", *b.vae]
-    return _train(demo, VAE_CONFIG, demo.vae_workdir, demo.vae, overrides)
+    return [f"seed={demo.seed}", f"data.seed={demo.seed}", f"data.image_size={demo.budget.image_size}",
+            f"vae.z_channels={channels}"]
+
+
+def train_vae(demo: Demo) -> dict:
+    return _train(demo, VAE_CONFIG, demo.vae_workdir, demo.vae_trained, [*vae_overrides(demo), *demo.budget.vae])
 
 
 def vae_done(demo: Demo) -> bool:
+    return (demo.vae_trained / "config.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ 3. decoder
+
+
+def fine_tune_decoder(demo: Demo) -> dict:
+    """The decoder alone, with more noise: it learns to draw clean shapes from slightly-off tokens, and the
+    encoder, hence the latent space the NextStep stage learns, stays the trained one."""
+    overrides = [*vae_overrides(demo), f"init.vae={demo.vae_trained}", *demo.budget.decoder]
+    return _train(demo, DECODER_CONFIG, demo.decoder_workdir, demo.vae, overrides)
+
+
+def decoder_done(demo: Demo) -> bool:
     return (demo.vae / "config.json").is_file()
 
 
-# ------------------------------------------------------------------------------------------------ 3. latents
+# ------------------------------------------------------------------------------------------------ 4. latents
 
 
 def cache_latents(demo: Demo) -> dict:
@@ -142,7 +169,7 @@ def latents_done(demo: Demo) -> bool:
     return (demo.latents / "meta.json").is_file()
 
 
-# ------------------------------------------------------------------------------------- 4./5. nextstep, floor
+# ------------------------------------------------------------------------------------- 5./6. nextstep, floor
 
 
 def nextstep_overrides(demo: Demo) -> list[str]:
@@ -187,7 +214,7 @@ def _train(demo: Demo, config: Path, workdir: Path, export: Path, overrides: lis
     return {"steps": total}
 
 
-# ------------------------------------------------------------------------------------------------ 6. samples
+# ------------------------------------------------------------------------------------------------ 7. samples
 
 
 def sample_models(demo: Demo) -> dict:
@@ -263,6 +290,7 @@ def _say(message: str) -> None:
 STAGES = (
     Stage("tokenizer", tokenizer_done, train_tokenizer),
     Stage("vae", vae_done, train_vae),
+    Stage("decoder", decoder_done, fine_tune_decoder),
     Stage("latents", latents_done, cache_latents),
     Stage("nextstep", model_done("model"), train_nextstep),
     Stage("floor", model_done("floor"), export_floor),

@@ -17,6 +17,8 @@ One step, per image x (its own key, so results do not depend on the device split
   z = LN(mean) (``encoder_norm``, per psz x psz token) ; z += exp(logvar/2)·eps unless ``vae.deterministic``
   z += alpha·eps', alpha ~ U(0, vae_train.noise_gamma) per image (NextStep's noise regularisation)
   x̂ = decoder(z)
+  (``vae_train.freeze_encoder``: the encoder's output is a constant and its parameters get no update, so the
+  latent space, and any latents cached from it, stay as they are while the decoder learns)
   loss = l1·|x̂ - x| + l2·(x̂ - x)² + kl·KL(mean, logvar) + perceptual·LPIPS(x̂, x) + gan·(-D(x̂))
 The KL is taken on the raw posterior, before the normalisation. The critic D (``training/patch_gan.py``) and
 its hinge loss switch on at ``vae_train.gan_start_step``; it has its own Adam.
@@ -66,6 +68,7 @@ from nextstep_jax.training.workdir import has_checkpoints
 
 INIT_SCHEMES = ("official", "residual_zero")
 EVAL_DIR = "eval"
+ENCODER_PARAMS = "encoder/.*"  # the optim.freeze pattern of vae_train.freeze_encoder
 _POSTERIOR, _NOISE = 0, 1
 # The ResnetBlock / attention convs whose output is added to the residual stream.
 _RESIDUAL_OUTPUTS = ("conv2", "proj_out")
@@ -88,6 +91,9 @@ def vae_train_config(**overrides) -> ml_collections.ConfigDict:
         # Scratch init: "official" = the released code's N(0, 0.02) for every conv; "residual_zero" = LeCun
         # normal convs with the last conv of every residual branch zero, so each block starts as the identity.
         init="official",
+        # Train the decoder alone (the encoder's parameters frozen, no gradient through it): fine-tuning a trained
+        # tokenizer's decoder, e.g. with more noise_gamma, keeps its latent space and every latent cached from it.
+        freeze_encoder=False,
     ))
     cfg.update(overrides)
     return cfg
@@ -127,6 +133,8 @@ def check_vae_config(config: ml_collections.ConfigDict) -> None:
     need(t.l1 + t.l2 + t.perceptual > 0, "vae_train.l1+l2+perceptual", t.l1 + t.l2 + t.perceptual,
          "some reconstruction term must have a positive weight")
     need(t.init in INIT_SCHEMES, "vae_train.init", t.init, f"expected one of {INIT_SCHEMES}")
+    need(not t.freeze_encoder or bool(config.init.vae), "vae_train.freeze_encoder", t.freeze_encoder,
+         "needs init.vae, the trained tokenizer whose encoder it keeps")
     need(t.perceptual == 0 or bool(t.perceptual_weights), "vae_train.perceptual_weights", t.perceptual_weights,
          "vae_train.perceptual > 0 needs a weight file (never downloaded)")
     need(isinstance(t.gan_start_step, int) and t.gan_start_step >= 0, "vae_train.gan_start_step",
@@ -256,11 +264,14 @@ def residual_zero(params, key: jax.Array):
 # ------------------------------------------------------------------------------------------------- the step
 
 
-def training_reconstruction(vae: AutoencoderKL, params, images, keys, noise_gamma: float):
+def training_reconstruction(vae: AutoencoderKL, params, images, keys, noise_gamma: float,
+                            freeze_encoder: bool = False):
     """(x̂, raw posterior mean, clamped logvar) with the posterior sampled (unless deterministic) and the
     noise regularisation applied, each image drawing from its own key (``keys`` [B])."""
     cfg = vae.cfg
     moments = vae.apply({"params": params}, images.astype(cfg.dtype), method=AutoencoderKL.encode_moments)
+    if freeze_encoder:
+        moments = jax.lax.stop_gradient(moments)  # no backward pass through the encoder at all
     mean, logvar = jnp.split(moments, 2, axis=-1)
     logvar = jnp.clip(logvar, *LOGVAR_RANGE)
     z = normalize_mean(mean, cfg)
@@ -295,7 +306,7 @@ def make_vae_train_step(config, layout: VaeStateLayout, *, rules=LOGICAL_AXIS_RU
         gan_on = (state.step >= start).astype(jnp.float32)
 
         def loss_fn(params):
-            rec, mean, logvar = training_reconstruction(vae, params, images, keys, gamma)
+            rec, mean, logvar = training_reconstruction(vae, params, images, keys, gamma, t.freeze_encoder)
             terms = vae_losses.reconstruction_terms(rec, images)
             terms["kl"] = vae_losses.kl_divergence(mean, logvar)
             total = t.l1 * terms["l1"] + t.l2 * terms["l2"] + t.kl * terms["kl"]
@@ -534,7 +545,11 @@ def prepare(config: ml_collections.ConfigDict, args) -> VaeTask:
                                         NamedSharding(mesh, PartitionSpec()))
     data = make_image_iterator(ImageDataConfig.from_config(config), dataset_specs(config))
     params = nn.unbox(abstract_vae_variables(config.vae, config.data.image_size))["params"]
-    optimizer, schedule = make_optimizer(config.optim, config.schedule, params, total_steps=config.total_steps)
+    optim = config.optim
+    if config.vae_train.freeze_encoder:
+        optim = ml_collections.ConfigDict(dict(optim))
+        optim.freeze = (*optim.freeze, ENCODER_PARAMS)
+    optimizer, schedule = make_optimizer(optim, config.schedule, params, total_steps=config.total_steps)
     layout = VaeStateLayout(config, optimizer, mesh)
     evaluator = VaeEvaluator(config, mesh, args.workdir)
     initial = None if has_checkpoints(args.workdir) else _initial_params(config, layout)

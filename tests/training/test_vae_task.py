@@ -185,6 +185,23 @@ def test_trainer_fine_tunes_a_release_and_exports_it(golden_dir, tmp_path):
     assert any(changed)  # trained from the release's weights
 
 
+def test_a_frozen_encoder_keeps_the_release_encoder_bit_for_bit(golden_dir, tmp_path):
+    assert _cli(golden_dir, tmp_path / "run", "--export", str(tmp_path / "release"),
+                "--config.vae_train.freeze_encoder=True", "--config.vae_train.noise_gamma=0.3") == 0
+    _, start = load_vae(golden_dir / "vae")
+    _, params = load_vae(tmp_path / "release")
+    for part in ("encoder", "decoder"):
+        same = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(start[part]), jax.tree.leaves(params[part]))]
+        assert all(same) if part == "encoder" else not all(same), part
+
+
+def test_a_frozen_encoder_needs_a_tokenizer_to_start_from(golden_dir, tmp_path, capsys):
+    assert _cli(golden_dir, tmp_path / "run", "--config.vae_train.freeze_encoder=True", "--config.init.vae=") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: vae_train.freeze_encoder=True: needs init.vae, the trained tokenizer whose encoder it keeps"]
+    assert not (tmp_path / "run").exists()
+
+
 def test_trainer_rejects_a_bad_field_before_building(golden_dir, tmp_path, capsys):
     assert _cli(golden_dir, tmp_path / "run", "--config.vae_train.init=bogus") == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -206,8 +223,9 @@ def test_mesh_step_matches_one_device(golden_dir, config):
     assert diffs["params"] < 1e-3 and diffs["disc_params"] < 1e-3, diffs  # of the largest update
 
 
-@pytest.mark.parametrize("name", ["tokenizer_shapes", "tokenizer_finetune"])
+@pytest.mark.parametrize("name", ["tokenizer_shapes", "tokenizer_shapes_decoder", "tokenizer_finetune"])
 def test_repository_configs_are_valid(name):
     config = with_vae_defaults(repo_config(name))
+    config.init.vae = config.init.vae or "runs/vae/release"  # the decoder fine-tune names the tokenizer it starts from
     check_vae_config(config)
     assert config.task == "vae"
