@@ -21,7 +21,7 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --durations=25 tests
 
-# The whole system end to end on a 2-core CPU, 17-23 min: outputs/demo/report.md (python -m nextstep_jax.demo --help).
+# The whole system end to end on a 2-core CPU, about 20 min: outputs/demo/report.md (python -m nextstep_jax.demo --help).
 demo: $(STAMP)
 	$(PY) -m nextstep_jax.demo --out outputs/demo
 
