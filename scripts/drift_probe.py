@@ -36,8 +36,7 @@ from nextstep_jax.checkpoint import load_model, load_vae, release_files
 from nextstep_jax.data.images import normalize
 from nextstep_jax.data.image_pipeline import held_out_images
 from nextstep_jax.data.pipeline import SHAPES, DatasetSpec
-from nextstep_jax.data.shapes import parse_caption
-from nextstep_jax.data.scorer import evaluate
+from nextstep_jax.data.scorer import accuracies, evaluate
 from nextstep_jax.data.scorer import score as score_image
 from nextstep_jax.encode_latents import vae_encode_fn
 from nextstep_jax.generation.generator import uint8_from_pixels
@@ -74,7 +73,11 @@ def main(argv=None) -> None:
     model, vae = NextStep(model_cfg), AutoencoderKL(vae_cfg)
 
     encode, encoder_params = vae_encode_fn(args.model / "vae")
-    true_tokens = patchify(encode(encoder_params, jnp.asarray(normalize(images))), model_cfg.latent_patch_size)
+
+    def vae_tokens(images):  # uint8 images -> the VAE's tokens of them [n, M, D]
+        return patchify(encode(encoder_params, jnp.asarray(normalize(images))), model_cfg.latent_patch_size)
+
+    true_tokens = vae_tokens(images)
     n, m, dim = true_tokens.shape
     prompt_len, mult = rows.input_ids.shape[1], rows.cfg_mult
     ids = np.concatenate([rows.input_ids, np.full((len(rows.input_ids), m), model_cfg.image_placeholder_id)], 1)
@@ -119,11 +122,8 @@ def main(argv=None) -> None:
     def score(tokens) -> float:
         return round(evaluate(list(decode(tokens)), captions)["overall"], 4)
 
-    categories = np.asarray([parse_caption(caption).category for caption in captions])
-
-    def overall(right: np.ndarray) -> float:  # per-image hits [n] -> evaluate's overall: the mean of the categories'
-        right = np.asarray(right)
-        return round(float(np.mean([right[categories == c].mean() for c in np.unique(categories)])), 4)
+    def overall(right) -> float:  # per-image verdicts [n] -> evaluate's overall
+        return round(accuracies(right, captions)["overall"], 4)
 
     def draw_after(given: int, key):  # the true tokens before token `given`, the drawn ones from there on
         tokens = true_tokens
@@ -145,17 +145,16 @@ def main(argv=None) -> None:
         print(json.dumps({"token_noise": std, "mini_geneval": score(true_tokens + std * noise)}), flush=True)
     if args.candidates:
         candidate_root, score_key = jax.random.split(jax.random.fold_in(key, m + 2))
-        right, ranks = [], {name: [] for name in ("caption_error", "caption_evidence", "cycle", "cycle_worst")}
+        right, ranks = [], {}
         for j in range(args.candidates):
             tokens = draw_after(0, key if j == 0 else jax.random.fold_in(candidate_root, j))
             pixels = decode(tokens)
             right.append([score_image(image, caption) for image, caption in zip(pixels, captions)])
             with_caption, without = caption_errors(tokens, score_key)  # the same draws for every candidate
-            cycle = jnp.mean(jnp.square(patchify(encode(encoder_params, jnp.asarray(normalize(pixels))),
-                                             model_cfg.latent_patch_size) - tokens), -1)
-            for name, rank in (("caption_error", -with_caption), ("caption_evidence", without - with_caption),
-                               ("cycle", -cycle.mean(1)), ("cycle_worst", -cycle.max(1))):
-                ranks[name].append(np.asarray(rank))
+            cycle = jnp.mean(jnp.square(vae_tokens(pixels) - tokens), -1)
+            for name, rank in dict(caption_error=-with_caption, caption_evidence=without - with_caption,
+                                   cycle=-cycle.mean(1), cycle_worst=-cycle.max(1)).items():
+                ranks.setdefault(name, []).append(np.asarray(rank))
             print(json.dumps({"candidate": j, "mini_geneval": overall(right[j])}), flush=True)
         right = np.asarray(right)
         best = {name: overall(right[np.argmax(rank, 0), np.arange(n)]) for name, rank in ranks.items()}

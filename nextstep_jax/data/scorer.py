@@ -117,9 +117,14 @@ def _related(a, b, where: str, width: int, height: int) -> bool:
 
 def evaluate(images: Iterable[np.ndarray], captions: Sequence[str]) -> dict[str, float]:
     """Accuracy per category present, and ``overall`` = mean over those categories (GenEval style)."""
-    hits: dict[str, list[bool]] = defaultdict(list)
-    for image, caption in zip(images, captions, strict=True):
-        hits[parse_caption(caption).category].append(score(image, caption))
-    result = {c: float(np.mean(hits[c])) for c in CATEGORIES if hits[c]}
+    return accuracies([score(image, caption) for image, caption in zip(images, captions, strict=True)], captions)
+
+
+def accuracies(hits: Iterable[bool], captions: Sequence[str]) -> dict[str, float]:
+    """``evaluate``'s summary of per-image verdicts ``hits`` (one per caption, in order)."""
+    by_category: dict[str, list[bool]] = defaultdict(list)
+    for hit, caption in zip(hits, captions, strict=True):
+        by_category[parse_caption(caption).category].append(bool(hit))
+    result = {c: float(np.mean(by_category[c])) for c in CATEGORIES if by_category[c]}
     result["overall"] = float(np.mean(list(result.values()))) if result else float("nan")
     return result
